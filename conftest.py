@@ -1,0 +1,17 @@
+"""pytest setup: run Triton kernels in the CPU interpreter and bound hypothesis.
+
+TRITON_INTERPRET must be set before any @triton.jit function is imported, so it is set
+here, before pytest imports the test module. On a CUDA machine, run the tests with
+TRITON_INTERPRET=0 to compile the kernels for the GPU instead.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=15, **_common)  # CI and the default run
+settings.register_profile("soak", max_examples=400, **_common)  # HYPOTHESIS_PROFILE=soak
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
