@@ -12,6 +12,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("ci", max_examples=15, **_common)  # CI and the default run
+settings.register_profile("ci", max_examples=40, **_common)  # CI and the default run
 settings.register_profile("soak", max_examples=400, **_common)  # HYPOTHESIS_PROFILE=soak
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

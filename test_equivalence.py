@@ -1,0 +1,391 @@
+"""Property tests: the forms of the Trellis operator agree, and the rest.
+
+Each test's docstring names the equation of ../shared/TRELLIS.md that it checks.
+Run: python -m pytest -q test_equivalence.py   (HYPOTHESIS_PROFILE=soak for a long run)
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import trellis as tr
+
+PHIS = sorted(tr.PHI)
+FS = sorted(tr.F_MAP)
+
+# -----------------------------------------------------------------------------
+# random problems
+
+
+@dataclass
+class Problem:
+    B: int
+    T: int
+    H: int
+    dk: int
+    dv: int
+    m: int
+    gates: str  # how beta is drawn: uniform, near0, near1, one, mixed
+    zero_init: bool
+    seed: int
+
+
+@st.composite
+def problems(draw, min_T=1, max_T=20, max_d=5):
+    return Problem(
+        B=draw(st.integers(1, 2)), T=draw(st.integers(min_T, max_T)), H=draw(st.integers(1, 2)),
+        dk=draw(st.integers(1, max_d)), dv=draw(st.integers(1, max_d)), m=draw(st.integers(2, max_d)),
+        gates=draw(st.sampled_from(["uniform", "near0", "near1", "one", "mixed"])),
+        zero_init=draw(st.booleans()), seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def draw_beta(gates, shape, g, dtype):
+    u = torch.rand(shape, generator=g, dtype=dtype)
+    choices = {
+        "uniform": 0.05 + 0.95 * u,
+        "near0": 10 ** (-8 + 6 * u),  # 1e-8 .. 1e-2
+        "near1": 1 - 10 ** (-8 + 6 * u),
+        "one": torch.ones(shape, dtype=dtype),
+    }
+    if gates != "mixed":
+        return choices[gates]
+    pick = torch.randint(0, 4, shape, generator=g)
+    return torch.stack(list(choices.values()), -1).gather(-1, pick[..., None])[..., 0]
+
+
+def make_inputs(p, dtype=torch.float64, requires_grad=False):
+    """q, k, v, alpha, beta, gamma, K0, V0 for problem p; write vectors L2-normalized and
+    scaled into (0.5, 1.2) so that gamma ||w||^2 < 2 (TRELLIS.md section 5)."""
+    g = torch.Generator().manual_seed(p.seed)
+    B, T, H = p.B, p.T, p.H
+
+    def rn(*s):
+        return torch.randn(*s, generator=g, dtype=dtype)
+
+    def unit(*s):
+        scale = 0.5 + 0.7 * torch.rand(*s[:-1], 1, generator=g, dtype=dtype)
+        return F.normalize(rn(*s), dim=-1) * scale
+
+    q, k, v = rn(B, T, H, p.dk), unit(B, T, H, p.dk), unit(B, T, H, p.dv)
+    alpha = rn(B, T, H, p.m)
+    beta = draw_beta(p.gates, (B, T, H), g, dtype)
+    gamma = 0.02 + 0.96 * torch.rand(B, T, H, generator=g, dtype=dtype)
+    K0 = torch.zeros(B, H, p.m, p.dk, dtype=dtype) if p.zero_init else 0.5 * rn(B, H, p.m, p.dk)
+    V0 = torch.zeros(B, H, p.m, p.dv, dtype=dtype) if p.zero_init else 0.5 * rn(B, H, p.m, p.dv)
+    ins = [q, k, v, alpha, beta, gamma, K0, V0]
+    return [t.requires_grad_(requires_grad) for t in ins]
+
+
+NAMES = ["q", "k", "v", "alpha", "beta", "gamma", "K0", "V0"]
+GRAD_NAMES = ["dq", "dk", "dv", "dalpha", "dlogbeta", "dgamma", "dK0", "dV0"]
+
+
+def outputs_and_grads(ins, seed, **kw):
+    """(o, K, V) and the gradients of a random linear function of (o, K, V) w.r.t. every input."""
+    ins = [t.detach().clone().requires_grad_(True) for t in ins]
+    outs = tr.trellis_op(*ins, **kw)
+    g = torch.Generator().manual_seed(seed + 1)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outs)
+    grads = list(torch.autograd.grad(loss, ins))
+    # beta enters the chunked form as log beta, so d beta = d(log beta) / beta carries an
+    # absolute error ~ eps / beta at tiny beta. The model only uses beta dbeta (beta = sigmoid(x)
+    # gives dx = dbeta beta (1 - beta)), so compare the gradient w.r.t. log beta.
+    grads[4] = grads[4] * ins[4].detach()
+    return [o.detach() for o in outs], grads
+
+
+def assert_close(got, want, tol, what=""):
+    """max |got - want| <= tol * max(1, max |want|): relative for large tensors, absolute near 0."""
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    err = (got - want).abs().max().item()
+    scale = max(1.0, want.abs().max().item())
+    assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.0e} x {scale:.3e}"
+
+
+def assert_all_close(got, want, tol, names):
+    for a, b, n in zip(got, want, names):
+        assert_close(a, b, tol, n)
+
+
+# -----------------------------------------------------------------------------
+# 1. error codes (section 3)
+
+
+@given(seed=st.integers(0, 2**31 - 1), m=st.integers(2, 9), scale=st.sampled_from([0.0, 0.1, 1.0, 10.0]),
+       phi=st.sampled_from(PHIS))
+def test_error_code_equals_autograd(seed, m, scale, phi):
+    """Section 3: u = J_phi(z)^T (phi(z) - a) equals d/dz of 1/2 ||phi(z) - a||^2,
+    including z = 0 (scale 0), the zero-variance point of normalized SiLU."""
+    g = torch.Generator().manual_seed(seed)
+    z = (scale * torch.randn(3, m, generator=g, dtype=torch.float64)).requires_grad_(True)
+    a = torch.randn(3, m, generator=g, dtype=torch.float64)
+    phi_fn, code = tr.PHI[phi]
+    (grad,) = torch.autograd.grad(0.5 * (phi_fn(z) - a).pow(2).sum(), z)
+    assert_close(code(z.detach(), a), grad, 1e-12, phi)
+
+
+@given(seed=st.integers(0, 2**31 - 1), m=st.integers(2, 9))
+def test_f_forms_match_torch(seed, m):
+    """Section 4: f = LayerNorm(SiLU) matches torch's layer_norm; the L2 form points along
+    SiLU(z) with norm at most 1 (its eps only matters when SiLU(z) is tiny)."""
+    z = torch.randn(4, m, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    want = F.layer_norm(F.silu(z), (m,), eps=tr.NORM_EPS)
+    assert_close(tr.norm_silu(z), want, 1e-12, "norm_silu")
+    r = tr.l2_silu(z)
+    assert_close(F.normalize(r, dim=-1), F.normalize(F.silu(z), dim=-1), 1e-12, "l2_silu direction")
+    assert (r.norm(dim=-1) <= 1).all()
+
+
+# -----------------------------------------------------------------------------
+# 2. chunked form == per-token loop at the same chunk size (section 6)
+
+
+@given(p=problems(), C=st.integers(1, 8), phi=st.sampled_from(PHIS), f=st.sampled_from(FS))
+def test_chunked_equals_loop_same_chunk_rule(p, C, phi, f):
+    """Section 6: the chunked matrix form equals the per-token loop with z_t from the
+    chunk-start state, for every C and T (partial last chunk): outputs, final states and
+    the gradients w.r.t. every input, initial states included."""
+    ins = make_inputs(p)
+    want, gwant = outputs_and_grads(ins, p.seed, phi=phi, f=f, chunk_size=C, impl="loop")
+    got, ggot = outputs_and_grads(ins, p.seed, phi=phi, f=f, chunk_size=C, impl="chunked")
+    assert_all_close(got, want, 1e-9, ["o", "K", "V"])
+    assert_all_close(ggot, gwant, 1e-8, GRAD_NAMES)
+
+
+# -----------------------------------------------------------------------------
+# 3. chunk_size = 1 and sweeps = C - 1 are the exact recurrence (section 6)
+
+
+@given(p=problems(), C=st.integers(1, 8), phi=st.sampled_from(PHIS))
+def test_exact_modes_equal_recurrence(p, C, phi):
+    """Section 6: with C - 1 refinement sweeps the chunked form is the exact per-token
+    recurrence (section 3) for every C; so is chunk_size = 1 in both forms."""
+    ins = make_inputs(p)
+    want, gwant = outputs_and_grads(ins, p.seed, phi=phi, chunk_size=1, impl="loop")
+    for kw in (dict(chunk_size=C, sweeps=C - 1), dict(chunk_size=C, sweeps=C + 3), dict(chunk_size=1)):
+        got, ggot = outputs_and_grads(ins, p.seed, phi=phi, impl="chunked", **kw)
+        assert_all_close(got, want, 1e-9, [f"{n} {kw}" for n in ("o", "K", "V")])
+        assert_all_close(ggot, gwant, 1e-8, [f"{n} {kw}" for n in GRAD_NAMES])
+
+
+@given(p=problems(max_T=12), phi=st.sampled_from(PHIS))
+def test_sweeps_make_rows_exact_one_at_a_time(p, phi):
+    """Section 6: after n sweeps the first n + 1 rows of a chunk are exact."""
+    ins = make_inputs(p)
+    C = p.T
+    exact = tr.trellis_op(*ins, phi=phi, chunk_size=1, impl="loop")[0]
+    for n in range(C):
+        got = tr.trellis_op(*ins, phi=phi, chunk_size=C, sweeps=n, impl="chunked")[0]
+        assert_close(got[:, : n + 1], exact[:, : n + 1], 1e-9, f"rows <= {n} after {n} sweeps")
+
+
+# -----------------------------------------------------------------------------
+# 4. phi = identity is the delta rule (section 5), against an independent loop
+
+
+def delta_rule_reference(q, k, v, alpha, beta, gamma, K0, V0, f):
+    """Written from section 5, independently of trellis.py: per (batch, head), explicit
+    matrices, S <- S (beta I - gamma w w^T) + gamma a w^T (beta = 1: the delta rule)."""
+    B, T, H, _ = q.shape
+    o = torch.zeros(B, T, H, v.shape[-1], dtype=q.dtype)
+    Ks, Vs = K0.clone(), V0.clone()
+    for bi in range(B):
+        for h in range(H):
+            K, V = K0[bi, h].clone(), V0[bi, h].clone()
+            for t in range(T):
+                bt, gt, a = beta[bi, t, h], gamma[bi, t, h], alpha[bi, t, h]
+                kt, vt = k[bi, t, h], v[bi, t, h]
+                K = K @ (bt * torch.eye(len(kt), dtype=q.dtype) - gt * torch.outer(kt, kt)) + gt * torch.outer(a, kt)
+                V = V @ (bt * torch.eye(len(vt), dtype=q.dtype) - gt * torch.outer(vt, vt)) + gt * torch.outer(a, vt)
+                y = K @ q[bi, t, h]
+                s = F.silu(y)
+                r = F.layer_norm(s, s.shape, eps=tr.NORM_EPS) if f == "norm_silu" else s / torch.sqrt((s * s).sum() + 1e-6)
+                o[bi, t, h] = V.T @ r
+            Ks[bi, h], Vs[bi, h] = K, V
+    return o, Ks, Vs
+
+
+@given(p=problems(max_T=12), f=st.sampled_from(FS), gated=st.booleans())
+def test_identity_phi_is_delta_rule(p, f, gated):
+    """Section 5: with phi = identity the exact recurrence is the delta rule
+    S <- S (I - gamma w w^T) + gamma a w^T (beta = 1), and its gated form with beta < 1."""
+    q, k, v, alpha, beta, gamma, K0, V0 = make_inputs(p)
+    if not gated:
+        beta = torch.ones_like(beta)
+    want = delta_rule_reference(q, k, v, alpha, beta, gamma, K0, V0, f)
+    for impl in ("loop", "chunked"):
+        got = tr.trellis_op(q, k, v, alpha, beta, gamma, K0, V0, phi="identity", f=f, chunk_size=1, impl=impl)
+        assert_all_close(got, want, 1e-10, [f"{n} {impl}" for n in ("o", "K", "V")])
+
+
+# -----------------------------------------------------------------------------
+# 5. causality
+
+
+@given(p=problems(), C=st.integers(1, 6), sweeps=st.integers(0, 5), phi=st.sampled_from(PHIS),
+       t=st.integers(0, 19), impl=st.sampled_from(["loop", "chunked"]))
+def test_causality(p, C, sweeps, phi, t, impl):
+    """Sections 3 and 6: output t' < t does not depend on any input at time t."""
+    t = t % p.T
+    ins = make_inputs(p)
+    kw = dict(phi=phi, chunk_size=C, sweeps=sweeps, impl=impl)
+    o1 = tr.trellis_op(*ins, **kw)[0]
+    ins2 = [x.clone() for x in ins]
+    g = torch.Generator().manual_seed(p.seed + 7)
+    for x in ins2[:6]:  # every per-token input at time t
+        x[:, t] += torch.rand(x[:, t].shape, generator=g, dtype=x.dtype) * 0.3
+    o2 = tr.trellis_op(*ins2, **kw)[0]
+    assert torch.equal(o1[:, :t], o2[:, :t])
+    assert not torch.equal(o1[:, t:], o2[:, t:])  # the perturbation does reach time t
+
+
+# -----------------------------------------------------------------------------
+# 6. state carry
+
+
+@given(p=problems(min_T=2), C=st.integers(1, 6), split=st.integers(0, 100), phi=st.sampled_from(PHIS),
+       impl=st.sampled_from(["loop", "chunked"]))
+def test_state_carry(p, C, split, phi, impl):
+    """Sections 3 and 6: running [0, s) then [s, T) from the first call's final states equals
+    one call: at any s in exact mode, at chunk boundaries s = jC for the chunk-start rule."""
+    q, k, v, alpha, beta, gamma, K0, V0 = make_inputs(p)
+
+    def run(lo, hi, K, V, kw):
+        sl = slice(lo, hi)
+        return tr.trellis_op(q[:, sl], k[:, sl], v[:, sl], alpha[:, sl], beta[:, sl], gamma[:, sl], K, V,
+                             phi=phi, impl=impl, **kw)
+
+    def check(kw, s):
+        o, K, V = run(0, p.T, K0, V0, kw)
+        o1, K1, V1 = run(0, s, K0, V0, kw)
+        o2, K2, V2 = run(s, p.T, K1, V1, kw)
+        assert_all_close([torch.cat([o1, o2], 1), K2, V2], [o, K, V], 1e-9, [f"{n} split {s} {kw}" for n in "oKV"])
+
+    exact = dict(chunk_size=C, sweeps=C - 1) if impl == "chunked" else dict(chunk_size=1)
+    check(exact, 1 + split % (p.T - 1))
+    boundaries = range(C, p.T, C)
+    if len(boundaries):
+        check(dict(chunk_size=C), boundaries[split % len(boundaries)])
+
+
+# -----------------------------------------------------------------------------
+# 7. gradcheck
+
+
+@pytest.mark.parametrize("phi", PHIS)
+@pytest.mark.parametrize("impl,C,sweeps", [("loop", 1, 0), ("loop", 2, 0), ("chunked", 2, 0), ("chunked", 3, 1)])
+def test_gradcheck(phi, impl, C, sweeps):
+    """Section 7: the autograd gradients of both forms, through z in the error codes,
+    agree with finite differences (float64)."""
+    p = Problem(B=1, T=5, H=1, dk=2, dv=3, m=3, gates="uniform", zero_init=False, seed=3)
+    ins = make_inputs(p, requires_grad=True)
+    fn = lambda *a: tr.trellis_op(*a, phi=phi, chunk_size=C, sweeps=sweeps, impl=impl)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, ins, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# 8. no NaN / Inf at the extremes
+
+
+def _finite_fwd_bwd(ins, **kw):
+    ins = [t.detach().clone().requires_grad_(True) for t in ins]
+    o, K, V = tr.trellis_op(*ins, **kw)
+    (o.square().mean() + K.square().mean() + V.square().mean()).backward()
+    for name, t in zip(["o", "K", "V"] + GRAD_NAMES, [o, K, V] + [x.grad for x in ins]):
+        assert torch.isfinite(t).all(), f"{name} has NaN/Inf with {kw}"
+
+
+@pytest.mark.parametrize("impl", ["loop", "chunked"])
+@pytest.mark.parametrize("phi", PHIS)
+def test_finite_zero_memory_and_gate_extremes(impl, phi):
+    """Section 8: zero initial memory (z = 0: normalized SiLU at zero variance), beta -> 0
+    (including 0 and sigmoid underflow), beta = 1, gamma at its ends, in float32."""
+    p = Problem(B=2, T=37, H=2, dk=8, dv=8, m=8, gates="uniform", zero_init=True, seed=11)
+    q, k, v, alpha, beta, gamma, K0, V0 = make_inputs(p, dtype=torch.float32)
+    for b in (torch.zeros_like(beta), torch.full_like(beta, 1e-38), torch.full_like(beta, 1e-6),
+              torch.ones_like(beta), torch.where(torch.rand_like(beta) < 0.5, 1e-30, 1.0)):
+        for g in (gamma, torch.full_like(gamma, 1e-6), torch.full_like(gamma, 0.999)):
+            _finite_fwd_bwd([q, k, v, alpha, b, g, K0, V0], phi=phi, chunk_size=8, impl=impl)
+
+
+@pytest.mark.parametrize("phi", PHIS)
+def test_finite_long_context_float32(phi):
+    """Section 6: T = 4096 in float32, chunked form, nonzero memory: finite outputs and gradients,
+    and the memory stays bounded (L2-normalized writes, gamma < 1: a contraction)."""
+    p = Problem(B=1, T=4096, H=2, dk=16, dv=16, m=16, gates="near1", zero_init=False, seed=5)
+    ins = make_inputs(p, dtype=torch.float32)
+    _finite_fwd_bwd(ins, phi=phi, chunk_size=64, impl="chunked")
+    _, K, V = tr.trellis_op(*ins, phi=phi, chunk_size=64, impl="chunked")
+    assert K.abs().max() < 1e3 and V.abs().max() < 1e3
+
+
+@pytest.mark.parametrize("impl", ["loop", "chunked"])
+@pytest.mark.parametrize("phi", PHIS)
+def test_finite_scaled_inputs(impl, phi):
+    """Sections 3 and 5: queries and slot codes x100 are harmless for every phi; writes x100
+    are harmless for normalized SiLU, whose error code is bounded (identity and SiLU need
+    gamma ||w||^2 < 2, which the layer guarantees by L2-normalizing k and v)."""
+    p = Problem(B=1, T=50, H=2, dk=8, dv=8, m=8, gates="uniform", zero_init=False, seed=9)
+    q, k, v, alpha, beta, gamma, K0, V0 = make_inputs(p, dtype=torch.float32)
+    _finite_fwd_bwd([100 * q, k, v, 100 * alpha, beta, gamma, 100 * K0, V0], phi=phi, chunk_size=8, impl=impl)
+    if phi == "norm_silu":
+        _finite_fwd_bwd([q, 100 * k, 100 * v, alpha, beta, gamma, K0, V0], phi=phi, chunk_size=8, impl=impl)
+
+
+# -----------------------------------------------------------------------------
+# 9. bad input
+
+
+def _good():
+    return dict(zip(NAMES, make_inputs(Problem(2, 5, 3, 4, 6, 7, "uniform", False, 0), dtype=torch.float32)))
+
+
+BAD = {
+    "q rank": (lambda a: a.update(q=a["q"][0]), "q must be [B, T, H, d_k]"),
+    "k batch": (lambda a: a.update(k=a["k"][:1]), "k must be"),
+    "v time": (lambda a: a.update(v=a["v"][:, :4]), "v must be"),
+    "alpha heads": (lambda a: a.update(alpha=a["alpha"][:, :, :2]), "alpha must be"),
+    "k dim": (lambda a: a.update(k=a["k"][..., :3]), "k must be"),
+    "v rank": (lambda a: a.update(v=a["v"][0]), "v must be"),
+    "beta shape": (lambda a: a.update(beta=a["beta"][..., None]), "beta must be"),
+    "gamma shape": (lambda a: a.update(gamma=a["gamma"][:, :3]), "gamma must be"),
+    "q dtype": (lambda a: a.update(q=a["q"].long()), "q must be a floating-point"),
+    "beta dtype": (lambda a: a.update(beta=a["beta"] > 0.5), "beta must be a floating-point"),
+    "not a tensor": (lambda a: a.update(v=a["v"].tolist()), "v must be a torch.Tensor"),
+    "K0 shape": (lambda a: a.update(K0=a["K0"][..., :3]), "K0 must be"),
+    "V0 slots": (lambda a: a.update(V0=a["V0"][:, :, :5]), "V0 must be"),
+    "V0 dtype": (lambda a: a.update(V0=a["V0"].int()), "V0 must be a floating-point"),
+    "empty T": (lambda a: a.update({n: a[n][:, :0] for n in NAMES[:6]}), "empty dimension"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_tensor_raises(case):
+    """Every input rule of trellis_op: a ValueError naming the argument."""
+    mutate, msg = BAD[case]
+    a = _good()
+    mutate(a)
+    for impl in ("loop", "chunked"):
+        with pytest.raises(ValueError, match=msg.replace("[", r"\[")):
+            tr.trellis_op(*[a[n] for n in NAMES], impl=impl)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(phi="tanh"), "phi must be one of"), (dict(f="softmax"), "f must be one of"),
+    (dict(chunk_size=0), "chunk_size must be"), (dict(chunk_size=2.5), "chunk_size must be"),
+    (dict(sweeps=-1), "sweeps must be"), (dict(impl="cuda"), "impl must be"),
+])
+def test_bad_option_raises(kw, msg):
+    a = _good()
+    with pytest.raises(ValueError, match=msg):
+        tr.trellis_op(*[a[n] for n in NAMES], **kw)
