@@ -8,6 +8,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -389,3 +390,138 @@ def test_bad_option_raises(kw, msg):
     a = _good()
     with pytest.raises(ValueError, match=msg):
         tr.trellis_op(*[a[n] for n in NAMES], **kw)
+
+
+# -----------------------------------------------------------------------------
+# The language model (section 8)
+
+
+def tiny_config(**kw):
+    base = dict(vocab_size=61, n_layer=2, n_embd=24, n_head=2, slots=5, chunk_size=4)
+    base.update(kw)
+    return tr.TrellisConfig(**base)
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return tr.TrellisLM(tiny_config(**kw)).double().eval()
+
+
+def decode(model, prompt, new_tokens):
+    """Logits for prompt then new_tokens fed one at a time from the carried state."""
+    logits, _, state = model(prompt)
+    out = [logits]
+    for t in range(new_tokens.shape[1]):
+        logits, _, state = model(new_tokens[:, t:t + 1], state=state)
+        out.append(logits)
+    return torch.cat(out, 1), state
+
+
+@given(seed=st.integers(0, 2**31 - 1), P=st.integers(1, 11), N=st.integers(1, 6), C=st.integers(1, 5),
+       mixer=st.sampled_from(["trellis", "attention"]), phi=st.sampled_from(PHIS))
+def test_decode_equals_full_forward_exact(seed, P, N, C, mixer, phi):
+    """Section 8: prefill (chunked, exact with C - 1 sweeps) then per-token decoding from the
+    carried state gives the logits of one full forward pass; likewise for the KV cache."""
+    model = tiny_model(seed, mixer=mixer, phi=phi, chunk_size=C, sweeps=C - 1)
+    idx = torch.randint(0, 61, (2, P + N), generator=torch.Generator().manual_seed(seed))
+    full = model(idx)[0]
+    got, _ = decode(model, idx[:, :P], idx[:, P:])
+    assert_close(got, full, 1e-9, f"{mixer} logits")
+
+
+@given(seed=st.integers(0, 2**31 - 1), chunks=st.integers(1, 3), C=st.integers(2, 5), phi=st.sampled_from(PHIS))
+def test_decode_chunk_start_rule_at_chunk_boundary(seed, chunks, C, phi):
+    """Section 6/8: with the chunk-start rule, a prompt that ends on a chunk boundary leaves the
+    same state as the full pass, so the next decoded token's logits match the full pass."""
+    model = tiny_model(seed, phi=phi, chunk_size=C, sweeps=0)
+    P = chunks * C
+    idx = torch.randint(0, 61, (1, P + 1), generator=torch.Generator().manual_seed(seed))
+    full = model(idx)[0]
+    got, _ = decode(model, idx[:, :P], idx[:, P:])
+    assert_close(got, full, 1e-9, "logits")
+
+
+def test_generation_state_is_constant_size():
+    """Section 8: the Trellis state has the same size after 10 and after 1000 tokens (2 m d
+    numbers per head and layer, plus the short-conv caches); a KV cache grows."""
+    sizes = {}
+    for mixer in ("trellis", "attention"):
+        model = tiny_model(0, mixer=mixer).float()
+        idx = torch.randint(0, 61, (1, 1000))
+        _, _, state = model(idx[:, :1])
+        for t in range(1, 1000):
+            _, _, state = model(idx[:, t:t + 1], state=state)
+            if t + 1 in (10, 1000):
+                sizes[mixer, t + 1] = tr.state_numel(state)
+    cfg = tiny_config()
+    memories = cfg.n_layer * 2 * cfg.n_head * cfg.slots * (cfg.n_embd // cfg.n_head)
+    convs = cfg.n_layer * 2 * 3 * cfg.n_embd
+    assert sizes["trellis", 10] == sizes["trellis", 1000] == memories + convs
+    assert sizes["attention", 1000] == 100 * sizes["attention", 10]
+    out = tiny_model(0).float().generate(idx[:, :7], max_new_tokens=5, temperature=0.8, top_k=10)
+    assert out.shape == (1, 12) and torch.equal(out[:, :7], idx[:, :7])
+
+
+@pytest.mark.parametrize("kw", [dict(mixer="trellis"), dict(mixer="attention"), dict(mixer="trellis", phi="identity"),
+                                dict(mixer="trellis", short_conv=False, learned_init_memory=False)])
+def test_model_forward_backward(kw):
+    """The model trains on CPU: finite loss, and a nonzero gradient reaches every parameter."""
+    torch.manual_seed(0)
+    model = tr.TrellisLM(tiny_config(**kw))
+    idx = torch.randint(0, 61, (3, 10))
+    _, loss, _ = model(idx, targets=torch.roll(idx, -1, 1))
+    assert torch.isfinite(loss) and abs(loss.item() - math.log(61)) < 1.0  # near uniform at init
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {name}"
+
+
+@given(seed=st.integers(0, 2**31 - 1), t=st.integers(1, 11), mixer=st.sampled_from(["trellis", "attention"]),
+       sweeps=st.integers(0, 3))
+def test_model_causality(seed, t, mixer, sweeps):
+    """Changing tokens at positions >= t leaves the logits before t unchanged."""
+    model = tiny_model(seed, mixer=mixer, sweeps=sweeps)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, 61, (2, 12), generator=g)
+    idx2 = idx.clone()
+    idx2[:, t:] = torch.randint(0, 61, idx2[:, t:].shape, generator=g)
+    a, b = model(idx)[0], model(idx2)[0]
+    assert_close(a[:, :t], b[:, :t], 1e-12, "logits before t")
+
+
+def test_state_dict_round_trip():
+    import io
+
+    model = tiny_model(0)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    other = tiny_model(1)
+    idx = torch.randint(0, 61, (2, 9))
+    assert not torch.equal(model(idx)[0], other(idx)[0])
+    other.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+    assert torch.equal(model(idx)[0], other(idx)[0])
+
+
+def test_attention_baseline_parameter_count_matches():
+    """The attention shell's parameter count is within 5% of the Trellis shell's (in fact within
+    1%, non-embedding parameters included)."""
+    for kw in (dict(), dict(n_embd=384, n_head=6, n_layer=6), dict(slots=32)):
+        a = tr.TrellisLM(tr.TrellisConfig(mixer="attention", **kw))
+        t = tr.TrellisLM(tr.TrellisConfig(mixer="trellis", **kw))
+        assert abs(a.num_params(True) / t.num_params(True) - 1) < 0.01, kw
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(slots=0), "slots"), (dict(slots=-3), "slots"), (dict(phi="tanh"), "phi"), (dict(f="softmax"), "f"),
+    (dict(n_embd=30, n_head=4), "n_embd"), (dict(mixer="mamba"), "mixer"), (dict(chunk_size=0), "chunk_size"),
+    (dict(sweeps=-1), "sweeps"), (dict(beta_init=1.0), "beta_init"), (dict(impl="cuda"), "impl"),
+    (dict(n_layer=2.5), "n_layer"),
+])
+def test_bad_config_raises(kw, field):
+    with pytest.raises(ValueError, match=rf"TrellisConfig\.{field}"):
+        tr.TrellisConfig(**kw)
+
+
+def test_bad_token_input_raises():
+    with pytest.raises(ValueError, match="idx must be"):
+        tiny_model(0)(torch.randn(2, 5))

@@ -274,3 +274,314 @@ def trellis_op(q, k, v, alpha, beta, gamma, K0=None, V0=None, *, phi="norm_silu"
     r = F_MAP[f](yhat)  # [B,H,T,m]
     o, V = run(vh, ah, bh, gh, V, r, "r", phi)  # [B,H,T,d_v]
     return o.transpose(1, 2).to(v.dtype), K, V  # o: [B,T,H,d_v]
+
+
+# -----------------------------------------------------------------------------
+# 5. The layer and the language model (section 8)
+
+from dataclasses import dataclass  # noqa: E402
+
+import torch.nn as nn  # noqa: E402
+
+
+@dataclass
+class TrellisConfig:
+    vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64
+    n_layer: int = 4
+    n_embd: int = 256
+    n_head: int = 4  # head size n_embd / n_head = 64
+    mixer: str = "trellis"  # "trellis" or "attention" (the same shell with causal softmax attention)
+    dropout: float = 0.0
+    # Trellis mixer; every default is justified in NOTES.md section 6
+    slots: int = 64  # m
+    phi: str = "norm_silu"  # write nonlinearity phi
+    f: str = "norm_silu"  # map between the passes
+    chunk_size: int = 64
+    sweeps: int = 0  # 0 = the paper's chunk-start rule, chunk_size - 1 = exact
+    impl: str = "auto"  # "auto" (kernel on CUDA, else chunked), "kernel", "chunked", "loop"
+    short_conv: bool = True  # causal depthwise conv (width 4) + SiLU on q and k
+    forget_gate: bool = True  # False: beta = 1 (the ablation)
+    beta_init: float = 0.95  # initial forget gate, through the bias of its sigmoid
+    gamma_init: float = 0.5  # initial inner step size, likewise
+    learned_init_memory: bool = True  # learned K0, V0 (else zeros)
+
+    def __post_init__(self):
+        positive = ("vocab_size", "n_layer", "n_embd", "n_head", "slots", "chunk_size")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"TrellisConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"TrellisConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        choices = dict(mixer=("trellis", "attention"), phi=tuple(PHI), f=tuple(F_MAP),
+                       impl=("auto", "kernel", "chunked", "loop"))
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TrellisConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not isinstance(self.sweeps, int) or self.sweeps < 0:
+            raise ValueError(f"TrellisConfig.sweeps must be an int >= 0, got {self.sweeps!r}")
+        for name in ("beta_init", "gamma_init"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"TrellisConfig.{name} must be in (0, 1), got {getattr(self, name)!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"TrellisConfig.dropout must be in [0, 1), got {self.dropout!r}")
+
+
+def rms_norm(x, weight, eps=1e-6):
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+
+    def forward(self, x):
+        return rms_norm(x, self.weight)
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise convolution over time (width 4) with a carried state of the last
+    width - 1 inputs, so prefill and one-token steps compute the same thing."""
+
+    def __init__(self, n, width=4):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n, 1, width).uniform_(-width**-0.5, width**-0.5))
+
+    def forward(self, x, cache=None):  # x [B,T,n], cache [B,width-1,n] or None (zeros)
+        width = self.weight.shape[-1]
+        if cache is None:
+            cache = x.new_zeros(x.shape[0], width - 1, x.shape[2])
+        xp = torch.cat([cache.to(x.dtype), x], dim=1)  # [B, width-1+T, n]
+        y = F.conv1d(xp.transpose(1, 2), self.weight.to(x.dtype), groups=x.shape[2])  # [B,n,T]
+        return F.silu(y.transpose(1, 2)), xp[:, -(width - 1):]
+
+
+def _operator_impl(impl, x, phi):
+    """"auto": the Triton kernel on CUDA when it supports phi, else the PyTorch chunked form."""
+    if impl != "auto":
+        return impl
+    if x.is_cuda:
+        import kernel
+
+        if phi in kernel.SUPPORTED_PHI:
+            return "kernel"
+    return "chunked"
+
+
+def _gate(lin, x):
+    """sigmoid(lin(x)) in float32 (float64 for a float64 model), also under bf16 autocast."""
+    dt = torch.promote_types(x.dtype, torch.float32)
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.sigmoid(F.linear(x.to(dt), lin.weight.to(dt), lin.bias.to(dt)))
+
+
+class TrellisMixer(nn.Module):
+    """x -> (q, k, v, alpha, beta, gamma) -> two-pass Trellis operator -> gated output.
+    state (generation): memories K, V [B,H,m,d] and the two short-conv caches."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        n, H, m = cfg.n_embd, cfg.n_head, cfg.slots
+        d = n // H
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(n, n, bias=False) for _ in range(3))
+        self.q_conv = ShortConv(n) if cfg.short_conv else None
+        self.k_conv = ShortConv(n) if cfg.short_conv else None
+        self.alpha_proj = nn.Linear(n, H * m, bias=False)
+        self.beta_proj = nn.Linear(n, H)
+        self.gamma_proj = nn.Linear(n, H)
+        # learned initial memories: rows ~ N(0, 1/d) so that z = K0 k ~ N(0, 1) for unit k
+        init = lambda: nn.Parameter(torch.randn(H, m, d) * d**-0.5)  # noqa: E731
+        self.K0, self.V0 = (init(), init()) if cfg.learned_init_memory else (None, None)
+        self.o_norm = RMSNorm(d)
+        self.g_proj = nn.Linear(n, n, bias=False)
+        self.o_proj = nn.Linear(n, n, bias=False)
+
+    def init_gates(self):
+        """Set after the generic init: beta and gamma start at their configured values."""
+        logit = lambda p: math.log(p / (1 - p))  # noqa: E731
+        nn.init.zeros_(self.beta_proj.weight)
+        nn.init.constant_(self.beta_proj.bias, logit(self.cfg.beta_init))
+        nn.init.zeros_(self.gamma_proj.weight)
+        nn.init.constant_(self.gamma_proj.bias, logit(self.cfg.gamma_init))
+
+    def forward(self, x, state=None):
+        cfg = self.cfg
+        B, T, n = x.shape
+        H, m = cfg.n_head, cfg.slots
+        d = n // H
+        state = state or {}
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B,T,n]
+        new_state = {}
+        if self.q_conv is not None:
+            q, new_state["q_conv"] = self.q_conv(q, state.get("q_conv"))
+            k, new_state["k_conv"] = self.k_conv(k, state.get("k_conv"))
+        # L2-normalized per head: gamma ||w||^2 = gamma < 1 keeps every write a contraction
+        q = F.normalize(q.view(B, T, H, d), dim=-1)  # [B,T,H,d]
+        k = F.normalize(k.view(B, T, H, d), dim=-1)  # [B,T,H,d]
+        v = F.normalize(v.view(B, T, H, d), dim=-1)  # [B,T,H,d]
+        alpha = self.alpha_proj(x).view(B, T, H, m)  # [B,T,H,m]
+        beta = _gate(self.beta_proj, x) if cfg.forget_gate else x.new_ones(B, T, H, dtype=torch.float32)
+        gamma = _gate(self.gamma_proj, x)  # [B,T,H]
+        if "K" in state:
+            K0, V0 = state["K"], state["V"]
+        elif self.K0 is not None:
+            K0, V0 = self.K0.expand(B, H, m, d), self.V0.expand(B, H, m, d)
+        else:
+            K0 = V0 = None
+        if "K" in state and T == 1:  # generation: the exact per-token update
+            impl, C, sweeps = "loop", 1, 0
+        else:
+            impl, C, sweeps = _operator_impl(cfg.impl, x, cfg.phi), cfg.chunk_size, cfg.sweeps
+        o, new_state["K"], new_state["V"] = trellis_op(q, k, v, alpha, beta, gamma, K0, V0, phi=cfg.phi, f=cfg.f,
+                                                       chunk_size=C, sweeps=sweeps, impl=impl)
+        y = self.o_norm(o).reshape(B, T, n) * F.silu(self.g_proj(x))  # [B,T,H,d] -> [B,T,n]
+        return self.o_proj(y), new_state
+
+
+def rotary(x, pos0):
+    """Rotary position embedding on x [B,T,H,d], positions pos0 .. pos0 + T - 1."""
+    B, T, H, d = x.shape
+    inv = 10000.0 ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # [d/2]
+    ang = torch.arange(pos0, pos0 + T, device=x.device, dtype=torch.float32)[:, None] * inv  # [T, d/2]
+    cos, sin = ang.cos()[None, :, None], ang.sin()[None, :, None]  # [1,T,1,d/2]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class AttentionMixer(nn.Module):
+    """Causal softmax attention (SDPA) with rotary positions; state = the KV cache."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.qkv_proj = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x, state=None):
+        B, T, n = x.shape
+        H = self.cfg.n_head
+        q, k, v = self.qkv_proj(x).view(B, T, 3, H, n // H).unbind(2)  # 3 x [B,T,H,d]
+        pos0 = 0 if not state else state["k"].shape[2]
+        q, k = rotary(q, pos0), rotary(k, pos0)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B,H,T,d]
+        if state:
+            k, v = torch.cat([state["k"], k], 2), torch.cat([state["v"], v], 2)  # [B,H,pos0+T,d]
+        # with a cache and one new token, every cached position is visible: no mask needed
+        causal = T > 1
+        if state and T > 1:
+            raise ValueError("AttentionMixer: extend a KV cache one token at a time")
+        p = self.cfg.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=p)  # [B,H,T,d]
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, n)), {"k": k, "v": v}
+
+
+def _mlp_hidden(cfg):
+    """SwiGLU width 8/3 n_embd (rounded up to 32). The attention shell gets the extra width
+    that makes its non-embedding parameter count match the Trellis shell's."""
+    n = cfg.n_embd
+    hidden = 32 * math.ceil(8 * n / 3 / 32)
+    if cfg.mixer == "attention":
+        from dataclasses import replace
+
+        count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
+        extra = count(TrellisMixer(replace(cfg, mixer="trellis"))) - count(AttentionMixer(cfg))
+        hidden += round(extra / (3 * n))
+    return hidden
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        h = _mlp_hidden(cfg)
+        self.w1 = nn.Linear(cfg.n_embd, h, bias=False)
+        self.w3 = nn.Linear(cfg.n_embd, h, bias=False)
+        self.w2 = nn.Linear(h, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x += Mixer(RMSNorm(x)); x += SwiGLU(RMSNorm(x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1, self.norm2 = RMSNorm(cfg.n_embd), RMSNorm(cfg.n_embd)
+        self.mixer = TrellisMixer(cfg) if cfg.mixer == "trellis" else AttentionMixer(cfg)
+        self.mlp = SwiGLU(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, state=None):
+        y, state = self.mixer(self.norm1(x), state)
+        x = x + self.drop(y)
+        return x + self.drop(self.mlp(self.norm2(x))), state
+
+
+class TrellisLM(nn.Module):
+    """Token embeddings (tied with the output head), n_layer blocks, a final RMSNorm."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = RMSNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # nanoGPT: residual projections scaled by depth
+            if name.endswith(("o_proj.weight", "w2.weight")):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
+        for blk in self.blocks:
+            if isinstance(blk.mixer, TrellisMixer):
+                blk.mixer.init_gates()
+
+    @staticmethod
+    def _init_weights(mod):
+        if isinstance(mod, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(mod.weight, 0.0, 0.02)
+            if getattr(mod, "bias", None) is not None:
+                nn.init.zeros_(mod.bias)
+
+    def num_params(self, non_embedding=False):
+        n = sum(p.numel() for p in self.parameters())  # the tied head is counted once
+        return n - self.wte.weight.numel() if non_embedding else n
+
+    def forward(self, idx, targets=None, state=None):
+        """idx [B,T] -> logits [B,T,V] (and the mean cross-entropy if targets are given).
+        With state (from a previous call) the sequence continues; the new state is returned
+        as the third value."""
+        if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"idx must be [B, T] integer token ids, got {tuple(idx.shape)} {idx.dtype}")
+        x = self.wte(idx)  # [B,T,n]
+        new_state = []
+        for i, blk in enumerate(self.blocks):
+            x, s = blk(x, state[i] if state else None)
+            new_state.append(s)
+        logits = self.lm_head(self.norm_f(x))  # [B,T,V]
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+        return logits, loss, new_state
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Absorb the prompt idx [B,T] in chunked form, then sample one token at a time from
+        the carried state: constant size for Trellis, a growing KV cache for attention."""
+        logits, _, state = self(idx)
+        out = [idx]
+        for _ in range(max_new_tokens):
+            logits = logits[:, -1, :].float() / max(temperature, 1e-6)  # [B,V]
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, -float("inf"))
+            nxt = torch.multinomial(F.softmax(logits, dim=-1), 1)  # [B,1]
+            out.append(nxt)
+            logits, _, state = self(nxt, state=state)
+        return torch.cat(out, dim=1)
+
+
+def state_numel(state):
+    """Numbers held by a generation state (list over layers of dicts of tensors)."""
+    return sum(t.numel() for layer in state for t in layer.values())
