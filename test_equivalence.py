@@ -525,3 +525,113 @@ def test_bad_config_raises(kw, field):
 def test_bad_token_input_raises():
     with pytest.raises(ValueError, match="idx must be"):
         tiny_model(0)(torch.randn(2, 5))
+
+
+# -----------------------------------------------------------------------------
+# train_tiny.py, end to end on the CPU
+
+
+def _text_file(tmp_path):
+    """The shared tiny Shakespeare when it is beside the checkout (CI), else a made-up text."""
+    for path in (os.environ.get("TRELLIS_DATA"), os.path.join(os.path.dirname(__file__), "..", "shared", "data",
+                                                                 "tinyshakespeare.txt")):
+        if path and os.path.isfile(path):
+            return path
+    path = tmp_path / "text.txt"
+    path.write_text("".join(f"LINE {i % 17}: the quick brown fox jumps over the lazy dog.\n" for i in range(3000)))
+    return str(path)
+
+
+def _train_argv(tmp_path, *extra):
+    return ["--device", "cpu", "--data", _text_file(tmp_path), "--cache-dir", str(tmp_path / "cache"),
+            "--out-dir", str(tmp_path / "out"), "--tokenizer", "char", "--batch-size", "8", "--block-size", "32",
+            "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--slots", "8", "--chunk-size", "8",
+            "--eval-iters", "4", "--sample-tokens", "20", "--lr", "3e-3", "--warmup-iters", "5", *extra]
+
+
+def test_train_tiny_runs_and_resumes(tmp_path):
+    """A few iterations end to end: the loss goes down, a checkpoint is written, --resume continues."""
+    import train_tiny
+
+    first = train_tiny.train(train_tiny.parse_args(_train_argv(tmp_path, "--max-iters", "40", "--eval-interval", "20")))
+    vals = [h["val"] for h in first["history"]]
+    assert [h["iter"] for h in first["history"]] == [0, 20, 40]
+    assert vals[-1] < vals[0] - 0.3, vals  # from ~ln(65) = 4.2 toward the character statistics
+    ckpt_path = tmp_path / "out" / "ckpt.pt"
+    assert torch.load(ckpt_path, weights_only=False)["iter_num"] == 40
+    assert len(first["sample"]) > 0
+
+    second = train_tiny.train(train_tiny.parse_args(
+        _train_argv(tmp_path, "--max-iters", "50", "--eval-interval", "20", "--resume")))
+    assert [h["iter"] for h in second["history"]] == [50]
+    assert second["best_val_loss"] <= first["best_val_loss"]
+    assert torch.load(ckpt_path, weights_only=False)["iter_num"] == 50
+
+
+def test_train_tiny_gpt2_tokenizer_offline(tmp_path):
+    """GPT-2 BPE through tiktoken's cached ranks (TIKTOKEN_CACHE_DIR), token ids cached as uint16."""
+    import train_tiny
+
+    if "TIKTOKEN_CACHE_DIR" not in os.environ:
+        os.environ["TIKTOKEN_CACHE_DIR"] = os.path.join(os.path.dirname(__file__), "..", "shared", "data",
+                                                        "tiktoken_cache")
+    argv = _train_argv(tmp_path, "--max-iters", "2", "--eval-interval", "2", "--eval-iters", "1",
+                       "--sample-tokens", "3")
+    argv[argv.index("char")] = "gpt2"
+    out = train_tiny.train(train_tiny.parse_args(argv))
+    assert math.isfinite(out["best_val_loss"])
+    cached = list((tmp_path / "cache").glob("tokens-*-gpt2/train.bin"))
+    assert len(cached) == 1 and cached[0].stat().st_size % 2 == 0
+
+
+def test_train_tiny_stops_on_nonfinite_loss_and_keeps_checkpoint(tmp_path, monkeypatch):
+    import train_tiny
+
+    real_forward, calls = tr.TrellisLM.forward, [0]
+
+    def poisoned(self, idx, targets=None, state=None):
+        logits, loss, st_ = real_forward(self, idx, targets, state)
+        if self.training and targets is not None:
+            calls[0] += 1
+            if calls[0] > 12:
+                loss = loss * float("nan")
+        return logits, loss, st_
+
+    monkeypatch.setattr(tr.TrellisLM, "forward", poisoned)
+    with pytest.raises(SystemExit, match="non-finite loss"):
+        train_tiny.train(train_tiny.parse_args(_train_argv(tmp_path, "--max-iters", "30", "--eval-interval", "10")))
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)
+    assert ckpt["iter_num"] == 10 and all(torch.isfinite(p).all() for p in ckpt["model"].values())
+
+
+def test_train_tiny_ctrl_c_saves(tmp_path, monkeypatch):
+    import train_tiny
+
+    real_get_batch, calls = train_tiny.get_batch, [0]
+
+    def interrupted(data, args, gen):
+        calls[0] += 1
+        if calls[0] == 8 + 4:  # 4 eval batches per split at iter 0, then 7 training batches
+            raise KeyboardInterrupt
+        return real_get_batch(data, args, gen)
+
+    monkeypatch.setattr(train_tiny, "get_batch", interrupted)
+    with pytest.raises(SystemExit) as e:
+        train_tiny.train(train_tiny.parse_args(_train_argv(tmp_path, "--max-iters", "30", "--eval-interval", "20")))
+    assert e.value.code == 130
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)["iter_num"] == 3
+
+
+@pytest.mark.parametrize("extra,msg", [(["--data", "/no/such/file.txt"], "no such file"),
+                                       (["--data-url", "http://127.0.0.1:9/input.txt"], "could not download")])
+def test_train_tiny_missing_data_says_how_to_fix(tmp_path, extra, msg):
+    import train_tiny
+
+    argv = _train_argv(tmp_path) + extra
+    if "--data-url" in extra:  # no local file: the download is tried and refused
+        i = argv.index("--data")
+        del argv[i:i + 2]
+        argv += ["--data", ""]
+    with pytest.raises(SystemExit, match=msg) as e:
+        train_tiny.train(train_tiny.parse_args(argv))
+    assert "--data" in str(e.value.code)
