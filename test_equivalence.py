@@ -95,7 +95,9 @@ def outputs_and_grads(ins, seed, **kw):
     ins = [t.detach().clone().requires_grad_(True) for t in ins]
     outs = tr.trellis_op(*ins, **kw)
     g = torch.Generator().manual_seed(seed + 1)
-    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outs)
+    # cotangents drawn in float64 and rounded to bf16: the same numbers in every dtype
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).bfloat16().to(o.dtype)).sum()
+               for o in outs)
     grads = list(torch.autograd.grad(loss, ins))
     # beta enters the chunked form as log beta, so d beta = d(log beta) / beta carries an
     # absolute error ~ eps / beta at tiny beta. The model only uses beta dbeta (beta = sigmoid(x)
@@ -635,3 +637,70 @@ def test_train_tiny_missing_data_says_how_to_fix(tmp_path, extra, msg):
     with pytest.raises(SystemExit, match=msg) as e:
         train_tiny.train(train_tiny.parse_args(argv))
     assert "--data" in str(e.value.code)
+
+
+# -----------------------------------------------------------------------------
+# kernel.py: the Triton kernel equals the PyTorch chunked form (CPU: TRITON_INTERPRET=1)
+
+
+def _as64(ins):
+    return [t.detach().double() for t in ins]
+
+
+@given(p=problems(max_T=40, max_d=20), C=st.sampled_from([16, 32]), phi=st.sampled_from(PHIS),
+       f=st.sampled_from(FS))
+def test_kernel_equals_chunked_form(p, C, phi, f):
+    """Sections 6-7: the Triton forward and hand-written backward equal the PyTorch chunked form
+    (float64 reference on the same inputs): outputs, final states, gradients of every input,
+    with odd d_k, d_v, m (masked), T not a multiple of C, gates at extremes, nonzero states."""
+    ins = make_inputs(p, dtype=torch.float32)
+    want, gwant = outputs_and_grads(_as64(ins), p.seed, phi=phi, f=f, chunk_size=C, impl="chunked")
+    got, ggot = outputs_and_grads(ins, p.seed, phi=phi, f=f, chunk_size=C, impl="kernel")
+    assert_all_close([g.double() for g in got], want, 2e-4, ["o", "K", "V"])
+    assert_all_close([g.double() for g in ggot], gwant, 2e-4, GRAD_NAMES)
+
+
+@pytest.mark.parametrize("phi", PHIS)
+def test_kernel_bf16_inputs(phi):
+    """bf16 q, k, v, alpha with fp32 memories: the kernel equals the float64 chunked form on
+    the same (bf16-rounded) inputs to bf16 output rounding."""
+    p = Problem(B=2, T=45, H=2, dk=16, dv=32, m=16, gates="mixed", zero_init=False, seed=4)
+    ins = make_inputs(p, dtype=torch.float32)
+    ins[:4] = [t.bfloat16() for t in ins[:4]]
+    want, gwant = outputs_and_grads(_as64(ins), 4, phi=phi, chunk_size=16, impl="chunked")
+    got, ggot = outputs_and_grads(ins, 4, phi=phi, chunk_size=16, impl="kernel")
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
+    # bf16 tensors (o and the gradients of the bf16 inputs) to bf16 rounding (2^-8), fp32 ones to 2e-4
+    for a, b, n in zip(got + ggot, want + gwant, ["o", "K", "V"] + GRAD_NAMES):
+        assert_close(a.double(), b, 1e-2 if a.dtype == torch.bfloat16 else 2e-4, n)
+
+
+def test_kernel_finite_at_extremes():
+    """Zero memories (normalized SiLU at zero variance), beta = 0 and 1, in the kernel."""
+    p = Problem(B=1, T=40, H=2, dk=16, dv=16, m=16, gates="uniform", zero_init=True, seed=2)
+    q, k, v, alpha, beta, gamma, K0, V0 = make_inputs(p, dtype=torch.float32)
+    for b in (torch.zeros_like(beta), torch.ones_like(beta)):
+        ins = [q, k, v, alpha, b, gamma, K0, V0]
+        want, _ = outputs_and_grads(_as64(ins), 0, chunk_size=16, impl="chunked")
+        got, ggot = outputs_and_grads(ins, 0, chunk_size=16, impl="kernel")
+        assert all(torch.isfinite(g).all() for g in got + ggot)
+        assert_all_close([g.double() for g in got], want, 2e-4, ["o", "K", "V"])
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(sweeps=1), "sweeps=1 is not supported"), (dict(chunk_size=8), "chunk_size must be 16, 32 or 64"),
+    (dict(chunk_size=48), "chunk_size must be"),
+])
+def test_kernel_unsupported_options_raise(kw, msg):
+    a = _good()
+    with pytest.raises(ValueError, match="kernel: " + msg):
+        tr.trellis_op(*[a[n] for n in NAMES], impl="kernel", **{"chunk_size": 16, **kw})
+
+
+def test_kernel_unsupported_inputs_raise():
+    a = _good()
+    with pytest.raises(ValueError, match="kernel: float64"):
+        tr.trellis_op(*[a[n].double() for n in NAMES], impl="kernel", chunk_size=16)
+    p = Problem(B=1, T=3, H=1, dk=130, dv=4, m=4, gates="uniform", zero_init=False, seed=0)
+    with pytest.raises(ValueError, match="kernel: d_k=130"):
+        tr.trellis_op(*make_inputs(p, dtype=torch.float32), impl="kernel", chunk_size=16)

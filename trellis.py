@@ -356,14 +356,14 @@ class ShortConv(nn.Module):
         return F.silu(y.transpose(1, 2)), xp[:, -(width - 1):]
 
 
-def _operator_impl(impl, x, phi):
-    """"auto": the Triton kernel on CUDA when it supports phi, else the PyTorch chunked form."""
+def _operator_impl(impl, q, v, alpha, cfg):
+    """"auto": the Triton kernel on CUDA when it supports the call, else the PyTorch chunked form."""
     if impl != "auto":
         return impl
-    if x.is_cuda:
+    if q.is_cuda:
         import kernel
 
-        if phi in kernel.SUPPORTED_PHI:
+        if kernel.unsupported(q, v, alpha, cfg.phi, cfg.f, cfg.chunk_size, cfg.sweeps) is None:
             return "kernel"
     return "chunked"
 
@@ -432,7 +432,7 @@ class TrellisMixer(nn.Module):
         if "K" in state and T == 1:  # generation: the exact per-token update
             impl, C, sweeps = "loop", 1, 0
         else:
-            impl, C, sweeps = _operator_impl(cfg.impl, x, cfg.phi), cfg.chunk_size, cfg.sweeps
+            impl, C, sweeps = _operator_impl(cfg.impl, q, v, alpha, cfg), cfg.chunk_size, cfg.sweeps
         o, new_state["K"], new_state["V"] = trellis_op(q, k, v, alpha, beta, gamma, K0, V0, phi=cfg.phi, f=cfg.f,
                                                        chunk_size=C, sweeps=sweeps, impl=impl)
         y = self.o_norm(o).reshape(B, T, n) * F.silu(self.g_proj(x))  # [B,T,H,d] -> [B,T,n]
