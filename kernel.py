@@ -399,3 +399,144 @@ def trellis_op_triton(q, k, v, alpha, beta, gamma, K0=None, V0=None, *, phi="nor
     o, KT, VT = TrellisChunkFn.apply(q, k, v, alpha, log_beta, gamma, K0, V0, phi, f, chunk_size,
                                      precision, num_warps)
     return o.to(v.dtype), KT, VT
+
+
+# -----------------------------------------------------------------------------
+# python kernel.py: check on the GPU against the PyTorch chunked form, then benchmark
+
+
+def _inputs(B, T, H, dk, dv, m, dtype, device, seed=0):
+    """Model-like inputs: unit q, k, v; beta ~ 0.95, gamma ~ 0.5; random initial memories."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    unit = lambda *s: torch.nn.functional.normalize(rn(*s), dim=-1)  # noqa: E731
+    ins = [unit(B, T, H, dk), unit(B, T, H, dk), unit(B, T, H, dv), rn(B, T, H, m),
+           torch.sigmoid(rn(B, T, H) + 3), torch.sigmoid(rn(B, T, H)), rn(B, H, m, dk) / dk**0.5,
+           rn(B, H, m, dv) / dv**0.5]
+    return [t.to(device, dtype if i < 4 else torch.float32) for i, t in enumerate(ins)]
+
+
+def _fwd_bwd(fn, ins, seed=1):
+    """(o, K, V) and the gradients of a random linear function of them w.r.t. every input."""
+    ins = [t.detach().clone().requires_grad_(True) for t in ins]
+    outs = fn(*ins)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    cot = [torch.randn(o.shape, generator=g).bfloat16().to(o.device, o.dtype) for o in outs]  # same in every dtype
+    grads = torch.autograd.grad(outs, ins, cot)
+    return [o.detach() for o in outs] + list(grads)
+
+
+def check(device="cuda"):
+    """Max relative error (max |x - ref| / max |ref|) per tensor, kernel vs the float64
+    PyTorch chunked form on the same inputs."""
+    names = ["o", "K", "V", "dq", "dk", "dv", "dalpha", "dbeta", "dgamma", "dK0", "dV0"]
+    cases = [  # (label, dtype, precision, shape B, T, H, dk, dv, m, C, phi, f)
+        ("fp32 tf32", torch.float32, "tf32", (2, 300, 4, 64, 64, 64, 64, "norm_silu", "norm_silu")),
+        ("fp32 ieee", torch.float32, "ieee", (2, 300, 4, 64, 64, 64, 64, "norm_silu", "norm_silu")),
+        ("bf16 tf32", torch.bfloat16, "tf32", (2, 300, 4, 64, 64, 64, 64, "norm_silu", "norm_silu")),
+        ("fp32 ieee odd", torch.float32, "ieee", (3, 77, 2, 40, 24, 48, 32, "silu", "l2_silu")),
+        ("fp32 ieee id", torch.float32, "ieee", (1, 1000, 2, 128, 128, 128, 16, "identity", "norm_silu")),
+        ("bf16 tf32 1k", torch.bfloat16, "tf32", (4, 1024, 8, 64, 64, 64, 64, "norm_silu", "norm_silu")),
+    ]
+    print(f"{'case':14s} " + " ".join(f"{n:>8s}" for n in names))
+    worst = {}
+    for label, dtype, prec, (B, T, H, dk, dv, m, C, phi, f) in cases:
+        ins = _inputs(B, T, H, dk, dv, m, dtype, device)
+        ref = _fwd_bwd(lambda *a: tr.trellis_op(*a, phi=phi, f=f, chunk_size=C, impl="chunked"),
+                       [t.double() for t in ins])
+        got = _fwd_bwd(lambda *a: trellis_op_triton(*a, phi=phi, f=f, chunk_size=C, precision=prec), ins)
+        errs = [((x.double() - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() for x, r in zip(got, ref)]
+        ok = all(math.isfinite(e) for e in errs)
+        worst[label] = max(errs) if ok else float("nan")
+        print(f"{label:14s} " + " ".join(f"{e:8.1e}" for e in errs), flush=True)
+    return worst
+
+
+def _time(fn, reps_ms=200):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=reps_ms, return_mode="median")
+
+
+def _peak_mib(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def bench(device="cuda", Ts=(1024, 4096, 16384), tokens=32768, H=8, d=64, m=64, C=64, num_warps=(4, 8)):
+    """fwd and fwd+bwd ms (median), tokens/s (fwd+bwd) and peak memory, bf16 inputs."""
+    import torch.nn.functional as F
+
+    rows = []
+    for T in Ts:
+        B = tokens // T
+        ins = _inputs(B, T, H, d, d, m, torch.bfloat16, device)
+        leaves = [t.requires_grad_(True) for t in ins]
+        impls = {f"kernel (w{w})": (lambda w: lambda *a: trellis_op_triton(*a, chunk_size=C, num_warps=w))(w)
+                 for w in num_warps}
+        impls["pytorch chunked"] = lambda *a: tr.trellis_op(*a, chunk_size=C, impl="chunked")
+        if T == 1024:
+            impls["per-token loop"] = lambda *a: tr.trellis_op(*a, chunk_size=1, impl="loop")
+        qs, ks, vs = (torch.randn(B, H, T, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+                      for _ in range(3))
+        for name, fn in list(impls.items()) + [("sdpa causal", None)]:
+            if fn is None:
+                fwd = lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)  # noqa: E731
+                o0 = fwd()
+                both = lambda: torch.autograd.grad(fwd(), (qs, ks, vs), o0)  # noqa: E731
+            else:
+                fwd = (lambda fn: lambda: fn(*leaves))(fn)
+                o0 = fwd()[0]
+                both = (lambda fwd, o0: lambda: torch.autograd.grad(fwd()[0], leaves, o0))(fwd, o0)
+            slow = name in ("pytorch chunked", "per-token loop")
+            with torch.no_grad():
+                t_f = _time(lambda: fwd(), 50 if slow else 200)
+            t_b = _time(both, 50 if slow else 200)
+            mem = _peak_mib(both)
+            rows.append((T, B, name, t_f, t_b, tokens / t_b * 1e3, mem))
+            print(f"T={T:6d} B={B:3d} {name:16s} fwd {t_f:9.3f} ms  fwd+bwd {t_b:9.3f} ms  "
+                  f"{tokens / t_b * 1e3 / 1e6:8.2f} Mtok/s  peak {mem:8.0f} MiB", flush=True)
+    return rows
+
+
+def cpu_table(B=1, T=2048, H=4, d=64, m=64, C=64):
+    """The PyTorch forms on the CPU (float32): per-token loop vs chunked, fwd and fwd+bwd."""
+    ins = _inputs(B, T, H, d, d, m, torch.float32, "cpu")[:6]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B={B} T={T} H={H} d={d} m={m}")
+    for name, kw in [("loop, exact (C=1)", dict(impl="loop", chunk_size=1)),
+                     ("loop, chunk-start C=64", dict(impl="loop", chunk_size=C)),
+                     ("chunked C=64, sweeps=0", dict(impl="chunked", chunk_size=C)),
+                     ("chunked C=64, sweeps=63", dict(impl="chunked", chunk_size=C, sweeps=C - 1))]:
+        times = []
+        for bwd in (False, True):
+            xs = [t.clone().requires_grad_(bwd) for t in ins]
+            best = float("inf")
+            for _ in range(1 if bwd else 3):
+                t0 = time.perf_counter()
+                with torch.set_grad_enabled(bwd):
+                    o, K, V = tr.trellis_op(*xs, **kw)
+                    if bwd:
+                        (o.sum() + K.sum() + V.sum()).backward()
+                best = min(best, time.perf_counter() - t0)
+            times.append(best * 1e3)
+        print(f"{name:26s} fwd {times[0]:9.1f} ms   fwd+bwd {times[1]:9.1f} ms", flush=True)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="check and benchmark the Trellis kernels")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--T", default="1024,4096,16384", help="sequence lengths (B*T = 32768)")
+    a = ap.parse_args()
+    if a.device == "cpu":
+        cpu_table()
+    else:
+        props = torch.cuda.get_device_properties(0)
+        print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}")
+        if not a.skip_check:
+            check(a.device)
+        bench(a.device, Ts=[int(t) for t in a.T.split(",")])
