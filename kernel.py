@@ -214,25 +214,23 @@ def _fwd_kernel(q, k, v, al, lb, gm, K0, V0, o, KT, VT, SK, SV,
 
 
 @triton.jit
-def _bwd_kernel(q, k, v, al, lb, gm, SK, SV, do, dKT, dVT,
-                dq, dk, dv, dal, dlb, dgm, dK0, dV0,
-                T, H, NC,
-                DK: tl.constexpr, DV: tl.constexpr, M: tl.constexpr,
-                BDK: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, C: tl.constexpr,
-                PHI: tl.constexpr, F: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
+def _bwd_value_kernel(q, k, v, al, lb, gm, SK, SV, do, dVT, dYk_out, dv, dal, dlb, dgm, dV0,
+                      T, H, NC,
+                      DK: tl.constexpr, DV: tl.constexpr, M: tl.constexpr,
+                      BDK: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, C: tl.constexpr,
+                      PHI: tl.constexpr, F: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
+    """Value pass, chunks in reverse carrying dV; writes d yhat for the key-pass kernel."""
     pid = tl.program_id(0)
     bi, h = pid // H, pid % H
-    s_b, s_t = T * H, H  # contiguous [B,T,H,*]: row (b, t, h) starts at (b T H + t H + h) * width
-    gb = bi * s_b + h  # gates [B,T,H]: (b, t, h) at gb + t * s_t
+    s_b, s_t = T * H, H
+    gb = bi * s_b + h
     oc, odk, odv, om = tl.arange(0, C), tl.arange(0, BDK), tl.arange(0, BDV), tl.arange(0, BM)
     mm = (om < M)[None, :]
     kmask = (om[:, None] < M) & (odk[None, :] < DK)
     vmask = (om[:, None] < M) & (odv[None, :] < DV)
     loc_k = om[:, None] * DK + odk[None, :]
     loc_v = om[:, None] * DV + odv[None, :]
-    st_k, st_v = pid * M * DK + loc_k, pid * M * DV + loc_v
-    dKs = tl.load(dKT + st_k, mask=kmask, other=0.0)  # dL/d(state at the end of the chunk)
-    dVs = tl.load(dVT + st_v, mask=vmask, other=0.0)
+    dVs = tl.load(dVT + pid * M * DV + loc_v, mask=vmask, other=0.0)  # dL/d(V at the chunk's end)
     row_k, row_v, row_m = bi * s_b * DK + h * DK, bi * s_b * DV + h * DV, bi * s_b * M + h * M
     for cj in range(0, NC):
         ci = NC - 1 - cj
@@ -248,67 +246,103 @@ def _bwd_kernel(q, k, v, al, lb, gm, SK, SV, do, dKT, dVT,
         lbb = tl.load(lb + gb + t * s_t, mask=tm, other=0.0)
         gg = tl.load(gm + gb + t * s_t, mask=tm, other=0.0)
         b, gam, eb, b_c, dec = _chunk_decays(lbb, oc, C)
-        ebc = tl.exp(b_c)
 
-        # recompute the forward of this chunk
-        Zk = tl.dot(kk, tl.trans(Ks), input_precision=PREC)
-        Uk = gg[:, None] * _code_fwd(Zk, aa, mm, M, PHI, EPS)
-        Pk = tl.dot(qq, tl.trans(kk), input_precision=PREC)
-        QS = tl.dot(qq, tl.trans(Ks), input_precision=PREC)
-        Yk = eb[:, None] * QS - tl.dot(Pk * gam, Uk, input_precision=PREC)
+        # recompute the key pass's read and R = f(yhat), and the value pass's codes
+        Uk = gg[:, None] * _code_fwd(tl.dot(kk, tl.trans(Ks), input_precision=PREC), aa, mm, M, PHI, EPS)
+        Pk = tl.dot(qq, tl.trans(kk), input_precision=PREC) * gam
+        Yk = eb[:, None] * tl.dot(qq, tl.trans(Ks), input_precision=PREC) - tl.dot(Pk, Uk, input_precision=PREC)
         R = _f_fwd(Yk, mm, M, F, EPS)
         Zv = tl.dot(vv, tl.trans(Vs), input_precision=PREC)
         Uv = gg[:, None] * _code_fwd(Zv, aa, mm, M, PHI, EPS)
         Pv = tl.dot(R, tl.trans(Uv), input_precision=PREC)
 
-        # value pass: O = e^b R V - ((R Uvᵀ) ⊙ Γ) v,  V_end = e^{b_C} V - (Uv ⊙ dec)ᵀ v
+        # O = e^b R V - ((R Uvᵀ) ⊙ Γ) v,   V_end = e^{b_C} V - (Uv ⊙ dec)ᵀ v
         dPv = -tl.dot(dO, tl.trans(vv), input_precision=PREC) * gam  # dL/d(R Uvᵀ)
         dR = eb[:, None] * tl.dot(dO, tl.trans(Vs), input_precision=PREC) + tl.dot(dPv, Uv, input_precision=PREC)
-        vdS = tl.dot(vv, tl.trans(dVs), input_precision=PREC)  # [C, BM]
+        vdS = tl.dot(vv, tl.trans(dVs), input_precision=PREC)  # v dV_endᵀ
         dUv = tl.dot(tl.trans(dPv), R, input_precision=PREC) - dec[:, None] * vdS
         dvv = -tl.dot(tl.trans(Pv * gam), dO, input_precision=PREC) \
             - tl.dot(Uv * dec[:, None], dVs, input_precision=PREC)
         uv, dZv, dav = _code_bwd(Zv, aa, gg[:, None] * dUv, mm, M, PHI, EPS)
-        dvv += tl.dot(dZv, Vs, input_precision=PREC)
-        dgg = tl.sum(dUv * uv, 1)
-        RS = tl.dot(R, Vs, input_precision=PREC)
+        dvv += tl.dot(dZv, Vs, input_precision=PREC)  # through z = v Vᵀ
         G = dPv * Pv  # dΓ ⊙ Γ
         gd = -tl.sum(Uv * vdS, 1) * dec
+        RS = tl.dot(R, Vs, input_precision=PREC)
         db = tl.sum(dO * RS, 1) * eb + tl.sum(G, 1) - tl.sum(G, 0) - gd
-        db_c = tl.sum(tl.sum(dVs * Vs, 1), 0) * ebc + tl.sum(gd, 0)
-        dVs = ebc * dVs + tl.dot(tl.trans(R * eb[:, None]), dO, input_precision=PREC) \
+        db_c = tl.sum(tl.sum(dVs * Vs, 1), 0) * tl.exp(b_c) + tl.sum(gd, 0)
+        db += tl.where(oc == C - 1, db_c, 0.0)
+        dVs = tl.exp(b_c) * dVs + tl.dot(tl.trans(R * eb[:, None]), dO, input_precision=PREC) \
             + tl.dot(tl.trans(dZv), vv, input_precision=PREC)
 
-        # between the passes
-        dYk = _f_bwd(Yk, dR, mm, M, F, EPS)
+        rows_m = row_m + t[:, None] * s_t * M + om[None, :]
+        tl.store(dYk_out + rows_m, _f_bwd(Yk, dR, mm, M, F, EPS), mask=tm[:, None] & mm)
+        tl.store(dv + row_v + t[:, None] * s_t * DV + odv[None, :], dvv, mask=tm[:, None] & (odv[None, :] < DV))
+        tl.store(dal + rows_m, dav, mask=tm[:, None] & mm)
+        tl.store(dlb + gb + t * s_t, tl.sum(db, 0) - tl.cumsum(db, 0) + db, mask=tm)  # sum over i >= j
+        tl.store(dgm + gb + t * s_t, tl.sum(dUv * uv, 1), mask=tm)
+    tl.store(dV0 + pid * M * DV + loc_v, dVs, mask=vmask)
 
-        # key pass: Yhat = e^b q Kᵀ - ((q kᵀ) ⊙ Γ) Uk,  K_end = e^{b_C} K - (Uk ⊙ dec)ᵀ k
+
+@triton.jit
+def _bwd_key_kernel(q, k, al, lb, gm, SK, dYk_in, dKT, dq, dk, dal, dlb, dgm, dK0,
+                    T, H, NC,
+                    DK: tl.constexpr, M: tl.constexpr, BDK: tl.constexpr, BM: tl.constexpr, C: tl.constexpr,
+                    PHI: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
+    """Key pass, chunks in reverse carrying dK; adds its share to dalpha, dlog beta, dgamma."""
+    pid = tl.program_id(0)
+    bi, h = pid // H, pid % H
+    s_b, s_t = T * H, H
+    gb = bi * s_b + h
+    oc, odk, om = tl.arange(0, C), tl.arange(0, BDK), tl.arange(0, BM)
+    mm = (om < M)[None, :]
+    kmask = (om[:, None] < M) & (odk[None, :] < DK)
+    loc_k = om[:, None] * DK + odk[None, :]
+    dKs = tl.load(dKT + pid * M * DK + loc_k, mask=kmask, other=0.0)
+    row_k, row_m = bi * s_b * DK + h * DK, bi * s_b * M + h * M
+    for cj in range(0, NC):
+        ci = NC - 1 - cj
+        t = ci * C + oc
+        tm = t < T
+        Ks = tl.load(SK + (pid * NC + ci) * M * DK + loc_k, mask=kmask, other=0.0)
+        qq = _load_rows(q + row_k, t, tm, odk, DK, s_t * DK)
+        kk = _load_rows(k + row_k, t, tm, odk, DK, s_t * DK)
+        aa = _load_rows(al + row_m, t, tm, om, M, s_t * M)
+        dYk = _load_rows(dYk_in + row_m, t, tm, om, M, s_t * M)
+        lbb = tl.load(lb + gb + t * s_t, mask=tm, other=0.0)
+        gg = tl.load(gm + gb + t * s_t, mask=tm, other=0.0)
+        b, gam, eb, b_c, dec = _chunk_decays(lbb, oc, C)
+
+        Zk = tl.dot(kk, tl.trans(Ks), input_precision=PREC)
+        Uk = gg[:, None] * _code_fwd(Zk, aa, mm, M, PHI, EPS)
+        Pk = tl.dot(qq, tl.trans(kk), input_precision=PREC)
+
+        # Yhat = e^b q Kᵀ - ((q kᵀ) ⊙ Γ) Uk,   K_end = e^{b_C} K - (Uk ⊙ dec)ᵀ k
         dPk = -tl.dot(dYk, tl.trans(Uk), input_precision=PREC) * gam  # dL/d(q kᵀ)
         dqq = eb[:, None] * tl.dot(dYk, Ks, input_precision=PREC) + tl.dot(dPk, kk, input_precision=PREC)
-        kdS = tl.dot(kk, tl.trans(dKs), input_precision=PREC)
+        kdS = tl.dot(kk, tl.trans(dKs), input_precision=PREC)  # k dK_endᵀ
         dUk = -tl.dot(tl.trans(Pk * gam), dYk, input_precision=PREC) - dec[:, None] * kdS
         dkk = tl.dot(tl.trans(dPk), qq, input_precision=PREC) - tl.dot(Uk * dec[:, None], dKs, input_precision=PREC)
         uk, dZk, dak = _code_bwd(Zk, aa, gg[:, None] * dUk, mm, M, PHI, EPS)
-        dkk += tl.dot(dZk, Ks, input_precision=PREC)
-        dgg += tl.sum(dUk * uk, 1)
+        dkk += tl.dot(dZk, Ks, input_precision=PREC)  # through z = k Kᵀ
         G = dPk * Pk
         gd = -tl.sum(Uk * kdS, 1) * dec
-        db += tl.sum(dYk * QS, 1) * eb + tl.sum(G, 1) - tl.sum(G, 0) - gd
-        db_c += tl.sum(tl.sum(dKs * Ks, 1), 0) * ebc + tl.sum(gd, 0)
-        dKs = ebc * dKs + tl.dot(tl.trans(dYk * eb[:, None]), qq, input_precision=PREC) \
+        QS = tl.dot(qq, tl.trans(Ks), input_precision=PREC)
+        db = tl.sum(dYk * QS, 1) * eb + tl.sum(G, 1) - tl.sum(G, 0) - gd
+        db_c = tl.sum(tl.sum(dKs * Ks, 1), 0) * tl.exp(b_c) + tl.sum(gd, 0)
+        db += tl.where(oc == C - 1, db_c, 0.0)
+        dKs = tl.exp(b_c) * dKs + tl.dot(tl.trans(dYk * eb[:, None]), qq, input_precision=PREC) \
             + tl.dot(tl.trans(dZk), kk, input_precision=PREC)
 
-        # d log beta_j = sum_{i >= j} db_i (b is a cumulative sum)
-        db += tl.where(oc == C - 1, db_c, 0.0)
-        dlbb = tl.sum(db, 0) - tl.cumsum(db, 0) + db
+        rows_m = row_m + t[:, None] * s_t * M + om[None, :]
         tl.store(dq + row_k + t[:, None] * s_t * DK + odk[None, :], dqq, mask=tm[:, None] & (odk[None, :] < DK))
         tl.store(dk + row_k + t[:, None] * s_t * DK + odk[None, :], dkk, mask=tm[:, None] & (odk[None, :] < DK))
-        tl.store(dv + row_v + t[:, None] * s_t * DV + odv[None, :], dvv, mask=tm[:, None] & (odv[None, :] < DV))
-        tl.store(dal + row_m + t[:, None] * s_t * M + om[None, :], dak + dav, mask=tm[:, None] & mm)
-        tl.store(dlb + gb + t * s_t, dlbb, mask=tm)
-        tl.store(dgm + gb + t * s_t, dgg, mask=tm)
-    tl.store(dK0 + st_k, dKs, mask=kmask)
-    tl.store(dV0 + st_v, dVs, mask=vmask)
+        mrow = tm[:, None] & mm
+        tl.store(dal + rows_m, tl.load(dal + rows_m, mask=mrow, other=0.0) + dak, mask=mrow)
+        dlbb = tl.sum(db, 0) - tl.cumsum(db, 0) + db
+        tl.store(dlb + gb + t * s_t, tl.load(dlb + gb + t * s_t, mask=tm, other=0.0) + dlbb, mask=tm)
+        dgg = tl.sum(dUk * uk, 1)
+        tl.store(dgm + gb + t * s_t, tl.load(dgm + gb + t * s_t, mask=tm, other=0.0) + dgg, mask=tm)
+    tl.store(dK0 + pid * M * DK + loc_k, dKs, mask=kmask)
 
 
 # -----------------------------------------------------------------------------
@@ -333,7 +367,8 @@ class TrellisChunkFn(torch.autograd.Function):
         SK = K0.new_empty(B, H, NC, M, DK)  # chunk-start states, kept for the backward
         SV = V0.new_empty(B, H, NC, M, DV)
         meta = dict(DK=DK, DV=DV, M=M, BDK=_block(DK), BDV=_block(DV), BM=_block(M), C=C,
-                    PHI=_PHI_ID[phi], F=_F_ID[f], EPS=tr.NORM_EPS, PREC=prec, num_warps=num_warps)
+                    PHI=_PHI_ID[phi], F=_F_ID[f], EPS=tr.NORM_EPS, PREC=prec, num_warps=num_warps,
+                    num_stages=1)  # deeper software pipelining overflows shared memory (NOTES.md)
         _fwd_kernel[(B * H,)](q, k, v, alpha, log_beta, gamma, K0, V0, o, KT, VT, SK, SV,
                               T, H, NC, **meta)
         ctx.save_for_backward(q, k, v, alpha, log_beta, gamma, SK, SV)
@@ -353,9 +388,13 @@ class TrellisChunkFn(torch.autograd.Function):
         dv, dal = torch.empty(v.shape, **f32), torch.empty(alpha.shape, **f32)
         dlb, dgm = torch.empty_like(log_beta), torch.empty_like(gamma)
         dK0, dV0 = torch.empty_like(dKT), torch.empty_like(dVT)
-        _bwd_kernel[(B * H,)](q, k, v, alpha, log_beta, gamma, SK, SV, do, dKT, dVT,
-                              dq, dk, dv, dal, dlb, dgm, dK0, dV0,
-                              T, H, ctx.NC, **ctx.meta)
+        dYk = torch.empty(alpha.shape, **f32)  # d yhat, from the value pass to the key pass
+        meta = ctx.meta
+        _bwd_value_kernel[(B * H,)](q, k, v, alpha, log_beta, gamma, SK, SV, do, dVT, dYk, dv, dal, dlb, dgm, dV0,
+                                    T, H, ctx.NC, **meta)
+        key_meta = {n: meta[n] for n in ("DK", "M", "BDK", "BM", "C", "PHI", "EPS", "PREC", "num_warps", "num_stages")}
+        _bwd_key_kernel[(B * H,)](q, k, alpha, log_beta, gamma, SK, dYk, dKT, dq, dk, dal, dlb, dgm, dK0,
+                                  T, H, ctx.NC, **key_meta)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dal.to(alpha.dtype), dlb, dgm, dK0, dV0,
                 None, None, None, None, None)
 
