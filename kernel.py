@@ -137,7 +137,7 @@ def _f_bwd(yh, dr, mm, M: tl.constexpr, F: tl.constexpr, EPS: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(ptr, t, tm, offs, real: tl.constexpr, s_t):
+def _load_rows(ptr, t, tm, offs, real, s_t):
     """[C, block] tile of rows t (time) of one (batch, head), as fp32, zero where masked."""
     mask = tm[:, None] & (offs[None, :] < real)
     return tl.load(ptr + t[:, None] * s_t + offs[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -154,195 +154,211 @@ def _chunk_decays(lb, offs_c, C: tl.constexpr):
 
 
 # -----------------------------------------------------------------------------
-# forward
+# forward: K1 walks the chunks (state recurrence only), K2 reads every chunk in parallel
 
 
 @triton.jit
-def _fwd_kernel(q, k, v, al, lb, gm, K0, V0, o, KT, VT, SK, SV,
-                T, H, NC,
-                DK: tl.constexpr, DV: tl.constexpr, M: tl.constexpr,
-                BDK: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, C: tl.constexpr,
-                PHI: tl.constexpr, F: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
+def _state_fwd_kernel(k, v, al, lb, gm, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC,
+                      DK: tl.constexpr, DV: tl.constexpr, M: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+                      C: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
+    """Grid (B*H, 2 passes). Per chunk: Z = W Sᵀ, U = γ code(Z, α), S <- e^{b_C} S - (U ⊙ dec)ᵀ W.
+    Stores each chunk's start state [B,H,NC,m,d] and U [B,T,H,m] for the parallel kernels."""
     pid = tl.program_id(0)
+    if tl.program_id(1) == 0:  # key pass: write vectors k, memory K
+        W, S0, SS, UU, ST, D = k, K0, SK, UK, KT, DK
+    else:  # value pass: write vectors v, memory V
+        W, S0, SS, UU, ST, D = v, V0, SV, UV, VT, DV
     bi, h = pid // H, pid % H
     s_b, s_t = T * H, H  # contiguous [B,T,H,*]: row (b, t, h) starts at (b T H + t H + h) * width
     gb = bi * s_b + h  # gates [B,T,H]: (b, t, h) at gb + t * s_t
-    oc, odk, odv, om = tl.arange(0, C), tl.arange(0, BDK), tl.arange(0, BDV), tl.arange(0, BM)
+    oc, od, om = tl.arange(0, C), tl.arange(0, BD), tl.arange(0, BM)
     mm = (om < M)[None, :]
-    kmask = (om[:, None] < M) & (odk[None, :] < DK)
-    vmask = (om[:, None] < M) & (odv[None, :] < DV)
-    loc_k = om[:, None] * DK + odk[None, :]  # [BM, BDK] offsets inside one m x d_k state
-    loc_v = om[:, None] * DV + odv[None, :]
-    st_k, st_v = pid * M * DK + loc_k, pid * M * DV + loc_v  # in a [B,H,m,d] state
-    Ks = tl.load(K0 + st_k, mask=kmask, other=0.0)
-    Vs = tl.load(V0 + st_v, mask=vmask, other=0.0)
-    qb, kb = q + bi * s_b * DK + h * DK, k + bi * s_b * DK + h * DK  # row t at + t * s_t * d
-    vb, ob = v + bi * s_b * DV + h * DV, o + bi * s_b * DV + h * DV
-    ab = al + bi * s_b * M + h * M
+    smask = (om[:, None] < M) & (od[None, :] < D)
+    loc = om[:, None] * D + od[None, :]  # [BM, BD] offsets inside one m x d state
+    S = tl.load(S0 + pid * M * D + loc, mask=smask, other=0.0)
+    row_w, row_m = bi * s_b * D + h * D, bi * s_b * M + h * M
     for ci in range(0, NC):
-        tl.store(SK + (pid * NC + ci) * M * DK + loc_k, Ks, mask=kmask)  # [B,H,NC,m,d_k]
-        tl.store(SV + (pid * NC + ci) * M * DV + loc_v, Vs, mask=vmask)
+        tl.store(SS + (pid * NC + ci) * M * D + loc, S, mask=smask)
         t = ci * C + oc
         tm = t < T
-        qq = _load_rows(qb, t, tm, odk, DK, s_t * DK)
-        kk = _load_rows(kb, t, tm, odk, DK, s_t * DK)
-        vv = _load_rows(vb, t, tm, odv, DV, s_t * DV)
-        aa = _load_rows(ab, t, tm, om, M, s_t * M)
-        lbb = tl.load(lb + gb + t * s_t, mask=tm, other=0.0)
+        w = _load_rows(W + row_w, t, tm, od, D, s_t * D)
+        a = _load_rows(al + row_m, t, tm, om, M, s_t * M)
         gg = tl.load(gm + gb + t * s_t, mask=tm, other=0.0)
-        b, gam, eb, b_c, dec = _chunk_decays(lbb, oc, C)
-        # key pass: write with k, read with q
-        Uk = gg[:, None] * _code_fwd(tl.dot(kk, tl.trans(Ks), input_precision=PREC), aa, mm, M, PHI, EPS)
-        Pk = tl.dot(qq, tl.trans(kk), input_precision=PREC) * gam
-        Yk = eb[:, None] * tl.dot(qq, tl.trans(Ks), input_precision=PREC) - tl.dot(Pk, Uk, input_precision=PREC)
-        R = _f_fwd(Yk, mm, M, F, EPS)
-        # value pass: write with v, read with R
-        Uv = gg[:, None] * _code_fwd(tl.dot(vv, tl.trans(Vs), input_precision=PREC), aa, mm, M, PHI, EPS)
-        Pv = tl.dot(R, tl.trans(Uv), input_precision=PREC) * gam
-        O = eb[:, None] * tl.dot(R, Vs, input_precision=PREC) - tl.dot(Pv, vv, input_precision=PREC)
-        tl.store(ob + t[:, None] * s_t * DV + odv[None, :], O.to(o.dtype.element_ty),
-                 mask=tm[:, None] & (odv[None, :] < DV))
-        # chunk-end states
-        Ks = tl.exp(b_c) * Ks - tl.dot(tl.trans(Uk * dec[:, None]), kk, input_precision=PREC)
-        Vs = tl.exp(b_c) * Vs - tl.dot(tl.trans(Uv * dec[:, None]), vv, input_precision=PREC)
-    tl.store(KT + st_k, Ks, mask=kmask)
-    tl.store(VT + st_v, Vs, mask=vmask)
-
-
-# -----------------------------------------------------------------------------
-# backward
+        b, gam, eb, b_c, dec = _chunk_decays(tl.load(lb + gb + t * s_t, mask=tm, other=0.0), oc, C)
+        U = gg[:, None] * _code_fwd(tl.dot(w, tl.trans(S), input_precision=PREC), a, mm, M, PHI, EPS)
+        tl.store(UU + row_m + t[:, None] * s_t * M + om[None, :], U, mask=tm[:, None] & mm)
+        S = tl.exp(b_c) * S - tl.dot(tl.trans(U * dec[:, None]), w, input_precision=PREC)
+    tl.store(ST + pid * M * D + loc, S, mask=smask)
 
 
 @triton.jit
-def _bwd_value_kernel(q, k, v, al, lb, gm, SK, SV, do, dVT, dYk_out, dv, dal, dlb, dgm, dV0,
-                      T, H, NC,
-                      DK: tl.constexpr, DV: tl.constexpr, M: tl.constexpr,
-                      BDK: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, C: tl.constexpr,
-                      PHI: tl.constexpr, F: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
-    """Value pass, chunks in reverse carrying dV; writes d yhat for the key-pass kernel."""
-    pid = tl.program_id(0)
+def _read_fwd_kernel(q, k, v, lb, SK, SV, UK, UV, o, YK, T, H, NC,
+                     DK: tl.constexpr, DV: tl.constexpr, M: tl.constexpr,
+                     BDK: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, C: tl.constexpr,
+                     F: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
+    """Grid (NC, B*H): one chunk's reads from its start states and stored codes:
+    Yhat = e^b q Kᵀ - ((q kᵀ) ⊙ Γ) Uk,  R = f(Yhat),  O = e^b R V - ((R Uvᵀ) ⊙ Γ) v."""
+    ci, pid = tl.program_id(0), tl.program_id(1)
     bi, h = pid // H, pid % H
     s_b, s_t = T * H, H
     gb = bi * s_b + h
     oc, odk, odv, om = tl.arange(0, C), tl.arange(0, BDK), tl.arange(0, BDV), tl.arange(0, BM)
     mm = (om < M)[None, :]
-    kmask = (om[:, None] < M) & (odk[None, :] < DK)
-    vmask = (om[:, None] < M) & (odv[None, :] < DV)
-    loc_k = om[:, None] * DK + odk[None, :]
-    loc_v = om[:, None] * DV + odv[None, :]
-    dVs = tl.load(dVT + pid * M * DV + loc_v, mask=vmask, other=0.0)  # dL/d(V at the chunk's end)
+    t = ci * C + oc
+    tm = t < T
+    Ks = tl.load(SK + (pid * NC + ci) * M * DK + om[:, None] * DK + odk[None, :],
+                 mask=(om[:, None] < M) & (odk[None, :] < DK), other=0.0)
+    Vs = tl.load(SV + (pid * NC + ci) * M * DV + om[:, None] * DV + odv[None, :],
+                 mask=(om[:, None] < M) & (odv[None, :] < DV), other=0.0)
     row_k, row_v, row_m = bi * s_b * DK + h * DK, bi * s_b * DV + h * DV, bi * s_b * M + h * M
-    for cj in range(0, NC):
-        ci = NC - 1 - cj
-        t = ci * C + oc
-        tm = t < T
-        Ks = tl.load(SK + (pid * NC + ci) * M * DK + loc_k, mask=kmask, other=0.0)
-        Vs = tl.load(SV + (pid * NC + ci) * M * DV + loc_v, mask=vmask, other=0.0)
-        qq = _load_rows(q + row_k, t, tm, odk, DK, s_t * DK)
-        kk = _load_rows(k + row_k, t, tm, odk, DK, s_t * DK)
-        vv = _load_rows(v + row_v, t, tm, odv, DV, s_t * DV)
-        aa = _load_rows(al + row_m, t, tm, om, M, s_t * M)
-        dO = _load_rows(do + row_v, t, tm, odv, DV, s_t * DV)
-        lbb = tl.load(lb + gb + t * s_t, mask=tm, other=0.0)
-        gg = tl.load(gm + gb + t * s_t, mask=tm, other=0.0)
-        b, gam, eb, b_c, dec = _chunk_decays(lbb, oc, C)
+    qq = _load_rows(q + row_k, t, tm, odk, DK, s_t * DK)
+    kk = _load_rows(k + row_k, t, tm, odk, DK, s_t * DK)
+    vv = _load_rows(v + row_v, t, tm, odv, DV, s_t * DV)
+    Uk = _load_rows(UK + row_m, t, tm, om, M, s_t * M)
+    Uv = _load_rows(UV + row_m, t, tm, om, M, s_t * M)
+    b, gam, eb, b_c, dec = _chunk_decays(tl.load(lb + gb + t * s_t, mask=tm, other=0.0), oc, C)
+    Pk = tl.dot(qq, tl.trans(kk), input_precision=PREC) * gam
+    Yk = eb[:, None] * tl.dot(qq, tl.trans(Ks), input_precision=PREC) - tl.dot(Pk, Uk, input_precision=PREC)
+    tl.store(YK + row_m + t[:, None] * s_t * M + om[None, :], Yk, mask=tm[:, None] & mm)  # for the backward
+    R = _f_fwd(Yk, mm, M, F, EPS)
+    Pv = tl.dot(R, tl.trans(Uv), input_precision=PREC) * gam
+    O = eb[:, None] * tl.dot(R, Vs, input_precision=PREC) - tl.dot(Pv, vv, input_precision=PREC)
+    tl.store(o + row_v + t[:, None] * s_t * DV + odv[None, :], O.to(o.dtype.element_ty),
+             mask=tm[:, None] & (odv[None, :] < DV))
 
-        # recompute the key pass's read and R = f(yhat), and the value pass's codes
-        Uk = gg[:, None] * _code_fwd(tl.dot(kk, tl.trans(Ks), input_precision=PREC), aa, mm, M, PHI, EPS)
-        Pk = tl.dot(qq, tl.trans(kk), input_precision=PREC) * gam
-        Yk = eb[:, None] * tl.dot(qq, tl.trans(Ks), input_precision=PREC) - tl.dot(Pk, Uk, input_precision=PREC)
-        R = _f_fwd(Yk, mm, M, F, EPS)
-        Zv = tl.dot(vv, tl.trans(Vs), input_precision=PREC)
-        Uv = gg[:, None] * _code_fwd(Zv, aa, mm, M, PHI, EPS)
-        Pv = tl.dot(R, tl.trans(Uv), input_precision=PREC)
 
-        # O = e^b R V - ((R Uvᵀ) ⊙ Γ) v,   V_end = e^{b_C} V - (Uv ⊙ dec)ᵀ v
-        dPv = -tl.dot(dO, tl.trans(vv), input_precision=PREC) * gam  # dL/d(R Uvᵀ)
-        dR = eb[:, None] * tl.dot(dO, tl.trans(Vs), input_precision=PREC) + tl.dot(dPv, Uv, input_precision=PREC)
-        vdS = tl.dot(vv, tl.trans(dVs), input_precision=PREC)  # v dV_endᵀ
-        dUv = tl.dot(tl.trans(dPv), R, input_precision=PREC) - dec[:, None] * vdS
-        dvv = -tl.dot(tl.trans(Pv * gam), dO, input_precision=PREC) \
-            - tl.dot(Uv * dec[:, None], dVs, input_precision=PREC)
-        uv, dZv, dav = _code_bwd(Zv, aa, gg[:, None] * dUv, mm, M, PHI, EPS)
-        dvv += tl.dot(dZv, Vs, input_precision=PREC)  # through z = v Vᵀ
-        G = dPv * Pv  # dΓ ⊙ Γ
-        gd = -tl.sum(Uv * vdS, 1) * dec
-        RS = tl.dot(R, Vs, input_precision=PREC)
-        db = tl.sum(dO * RS, 1) * eb + tl.sum(G, 1) - tl.sum(G, 0) - gd
-        db_c = tl.sum(tl.sum(dVs * Vs, 1), 0) * tl.exp(b_c) + tl.sum(gd, 0)
-        db += tl.where(oc == C - 1, db_c, 0.0)
-        dVs = tl.exp(b_c) * dVs + tl.dot(tl.trans(R * eb[:, None]), dO, input_precision=PREC) \
-            + tl.dot(tl.trans(dZv), vv, input_precision=PREC)
-
-        rows_m = row_m + t[:, None] * s_t * M + om[None, :]
-        tl.store(dYk_out + rows_m, _f_bwd(Yk, dR, mm, M, F, EPS), mask=tm[:, None] & mm)
-        tl.store(dv + row_v + t[:, None] * s_t * DV + odv[None, :], dvv, mask=tm[:, None] & (odv[None, :] < DV))
-        tl.store(dal + rows_m, dav, mask=tm[:, None] & mm)
-        tl.store(dlb + gb + t * s_t, tl.sum(db, 0) - tl.cumsum(db, 0) + db, mask=tm)  # sum over i >= j
-        tl.store(dgm + gb + t * s_t, tl.sum(dUv * uv, 1), mask=tm)
-    tl.store(dV0 + pid * M * DV + loc_v, dVs, mask=vmask)
+# -----------------------------------------------------------------------------
+# backward: K3 differentiates every chunk's reads in parallel; K4 walks the chunks in
+# reverse carrying dS (the only sequential part), through the codes and the state updates
 
 
 @triton.jit
-def _bwd_key_kernel(q, k, al, lb, gm, SK, dYk_in, dKT, dq, dk, dal, dlb, dgm, dK0,
-                    T, H, NC,
-                    DK: tl.constexpr, M: tl.constexpr, BDK: tl.constexpr, BM: tl.constexpr, C: tl.constexpr,
-                    PHI: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
-    """Key pass, chunks in reverse carrying dK; adds its share to dalpha, dlog beta, dgamma."""
-    pid = tl.program_id(0)
+def _read_bwd_value_kernel(v, lb, SV, UV, YK, do, dv, dUV, dSV, dYK, dlb, T, H, NC,
+                           DV: tl.constexpr, M: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr,
+                           C: tl.constexpr, F: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
+    """Grid (NC, B*H). The value pass's read O = e^b R V - ((R Uvᵀ) ⊙ Γ) v with R = f(Yhat):
+    the read parts of dv, dUv, d log beta, dS_read per chunk, and dYhat for the key pass."""
+    ci, pid = tl.program_id(0), tl.program_id(1)
+    bi, h = pid // H, pid % H
+    s_b, s_t = T * H, H
+    gb = bi * s_b + h
+    oc, odv, om = tl.arange(0, C), tl.arange(0, BDV), tl.arange(0, BM)
+    mm = (om < M)[None, :]
+    t = ci * C + oc
+    tm = t < T
+    vmask = (om[:, None] < M) & (odv[None, :] < DV)
+    loc_v = (pid * NC + ci) * M * DV + om[:, None] * DV + odv[None, :]
+    Vs = tl.load(SV + loc_v, mask=vmask, other=0.0)
+    row_v, row_m = bi * s_b * DV + h * DV, bi * s_b * M + h * M
+    vv = _load_rows(v + row_v, t, tm, odv, DV, s_t * DV)
+    Uv = _load_rows(UV + row_m, t, tm, om, M, s_t * M)
+    Yk = _load_rows(YK + row_m, t, tm, om, M, s_t * M)
+    dO = _load_rows(do + row_v, t, tm, odv, DV, s_t * DV)
+    b, gam, eb, b_c, dec = _chunk_decays(tl.load(lb + gb + t * s_t, mask=tm, other=0.0), oc, C)
+    R = _f_fwd(Yk, mm, M, F, EPS)
+    Pv = tl.dot(R, tl.trans(Uv), input_precision=PREC)
+    dPv = -tl.dot(dO, tl.trans(vv), input_precision=PREC) * gam  # dL/d(R Uvᵀ)
+    dR = eb[:, None] * tl.dot(dO, tl.trans(Vs), input_precision=PREC) + tl.dot(dPv, Uv, input_precision=PREC)
+    G = dPv * Pv  # dΓ ⊙ Γ
+    db = tl.sum(dO * tl.dot(R, Vs, input_precision=PREC), 1) * eb + tl.sum(G, 1) - tl.sum(G, 0)
+    rows_m = row_m + t[:, None] * s_t * M + om[None, :]
+    mrow = tm[:, None] & mm
+    tl.store(dYK + rows_m, _f_bwd(Yk, dR, mm, M, F, EPS), mask=mrow)
+    tl.store(dUV + rows_m, tl.dot(tl.trans(dPv), R, input_precision=PREC), mask=mrow)
+    tl.store(dv + row_v + t[:, None] * s_t * DV + odv[None, :],
+             -tl.dot(tl.trans(Pv * gam), dO, input_precision=PREC), mask=tm[:, None] & (odv[None, :] < DV))
+    tl.store(dSV + loc_v, tl.dot(tl.trans(R * eb[:, None]), dO, input_precision=PREC), mask=vmask)
+    tl.store(dlb + gb + t * s_t, tl.sum(db, 0) - tl.cumsum(db, 0) + db, mask=tm)  # d log beta_j = sum_{i>=j} db_i
+
+
+@triton.jit
+def _read_bwd_key_kernel(q, k, lb, SK, UK, dYK, dq, dk, dUK, dSK, dlb, T, H, NC,
+                         DK: tl.constexpr, M: tl.constexpr, BDK: tl.constexpr, BM: tl.constexpr,
+                         C: tl.constexpr, PREC: tl.constexpr):
+    """Grid (NC, B*H). The key pass's read Yhat = e^b q Kᵀ - ((q kᵀ) ⊙ Γ) Uk: dq (final), the
+    read parts of dk, dUk, dS_read per chunk, and its share of d log beta (added)."""
+    ci, pid = tl.program_id(0), tl.program_id(1)
     bi, h = pid // H, pid % H
     s_b, s_t = T * H, H
     gb = bi * s_b + h
     oc, odk, om = tl.arange(0, C), tl.arange(0, BDK), tl.arange(0, BM)
     mm = (om < M)[None, :]
+    t = ci * C + oc
+    tm = t < T
     kmask = (om[:, None] < M) & (odk[None, :] < DK)
-    loc_k = om[:, None] * DK + odk[None, :]
-    dKs = tl.load(dKT + pid * M * DK + loc_k, mask=kmask, other=0.0)
+    loc_k = (pid * NC + ci) * M * DK + om[:, None] * DK + odk[None, :]
+    Ks = tl.load(SK + loc_k, mask=kmask, other=0.0)
     row_k, row_m = bi * s_b * DK + h * DK, bi * s_b * M + h * M
+    qq = _load_rows(q + row_k, t, tm, odk, DK, s_t * DK)
+    kk = _load_rows(k + row_k, t, tm, odk, DK, s_t * DK)
+    Uk = _load_rows(UK + row_m, t, tm, om, M, s_t * M)
+    dYk = _load_rows(dYK + row_m, t, tm, om, M, s_t * M)
+    b, gam, eb, b_c, dec = _chunk_decays(tl.load(lb + gb + t * s_t, mask=tm, other=0.0), oc, C)
+    Pk = tl.dot(qq, tl.trans(kk), input_precision=PREC)
+    dPk = -tl.dot(dYk, tl.trans(Uk), input_precision=PREC) * gam  # dL/d(q kᵀ)
+    G = dPk * Pk
+    db = tl.sum(dYk * tl.dot(qq, tl.trans(Ks), input_precision=PREC), 1) * eb + tl.sum(G, 1) - tl.sum(G, 0)
+    dqq = eb[:, None] * tl.dot(dYk, Ks, input_precision=PREC) + tl.dot(dPk, kk, input_precision=PREC)
+    tl.store(dq + row_k + t[:, None] * s_t * DK + odk[None, :], dqq, mask=tm[:, None] & (odk[None, :] < DK))
+    tl.store(dk + row_k + t[:, None] * s_t * DK + odk[None, :], tl.dot(tl.trans(dPk), qq, input_precision=PREC),
+             mask=tm[:, None] & (odk[None, :] < DK))
+    tl.store(dUK + row_m + t[:, None] * s_t * M + om[None, :],
+             -tl.dot(tl.trans(Pk * gam), dYk, input_precision=PREC), mask=tm[:, None] & mm)
+    tl.store(dSK + loc_k, tl.dot(tl.trans(dYk * eb[:, None]), qq, input_precision=PREC), mask=kmask)
+    dlbb = tl.sum(db, 0) - tl.cumsum(db, 0) + db
+    tl.store(dlb + gb + t * s_t, tl.load(dlb + gb + t * s_t, mask=tm, other=0.0) + dlbb, mask=tm)
+
+
+@triton.jit
+def _state_bwd_kernel(k, v, al, lb, gm, SK, SV, dUK, dUV, dSK, dSV, dKT, dVT, dk, dv, dalK, dalV,
+                      dlbK, dlbV, dgmK, dgmV, dK0, dV0, T, H, NC,
+                      DK: tl.constexpr, DV: tl.constexpr, M: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+                      C: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
+    """Grid (B*H, 2 passes), chunks in reverse carrying dS = dL/d(state at the chunk's end):
+    dU = dU_read - dec ⊙ (W dSᵀ);  (dZ, dα) through the code;  dW += -(U ⊙ dec) dS + dZ S;
+    dS <- e^{b_C} dS + dS_read + dZᵀ W."""
+    pid = tl.program_id(0)
+    if tl.program_id(1) == 0:
+        W, SS, dUU, dSR, dST, dW, dal, dlb, dgm, dS0, D = k, SK, dUK, dSK, dKT, dk, dalK, dlbK, dgmK, dK0, DK
+    else:
+        W, SS, dUU, dSR, dST, dW, dal, dlb, dgm, dS0, D = v, SV, dUV, dSV, dVT, dv, dalV, dlbV, dgmV, dV0, DV
+    bi, h = pid // H, pid % H
+    s_b, s_t = T * H, H
+    gb = bi * s_b + h
+    oc, od, om = tl.arange(0, C), tl.arange(0, BD), tl.arange(0, BM)
+    mm = (om < M)[None, :]
+    smask = (om[:, None] < M) & (od[None, :] < D)
+    loc = om[:, None] * D + od[None, :]
+    dS = tl.load(dST + pid * M * D + loc, mask=smask, other=0.0)
+    row_w, row_m = bi * s_b * D + h * D, bi * s_b * M + h * M
     for cj in range(0, NC):
         ci = NC - 1 - cj
         t = ci * C + oc
         tm = t < T
-        Ks = tl.load(SK + (pid * NC + ci) * M * DK + loc_k, mask=kmask, other=0.0)
-        qq = _load_rows(q + row_k, t, tm, odk, DK, s_t * DK)
-        kk = _load_rows(k + row_k, t, tm, odk, DK, s_t * DK)
-        aa = _load_rows(al + row_m, t, tm, om, M, s_t * M)
-        dYk = _load_rows(dYk_in + row_m, t, tm, om, M, s_t * M)
-        lbb = tl.load(lb + gb + t * s_t, mask=tm, other=0.0)
+        S = tl.load(SS + (pid * NC + ci) * M * D + loc, mask=smask, other=0.0)
+        w = _load_rows(W + row_w, t, tm, od, D, s_t * D)
+        a = _load_rows(al + row_m, t, tm, om, M, s_t * M)
         gg = tl.load(gm + gb + t * s_t, mask=tm, other=0.0)
-        b, gam, eb, b_c, dec = _chunk_decays(lbb, oc, C)
-
-        Zk = tl.dot(kk, tl.trans(Ks), input_precision=PREC)
-        Uk = gg[:, None] * _code_fwd(Zk, aa, mm, M, PHI, EPS)
-        Pk = tl.dot(qq, tl.trans(kk), input_precision=PREC)
-
-        # Yhat = e^b q Kᵀ - ((q kᵀ) ⊙ Γ) Uk,   K_end = e^{b_C} K - (Uk ⊙ dec)ᵀ k
-        dPk = -tl.dot(dYk, tl.trans(Uk), input_precision=PREC) * gam  # dL/d(q kᵀ)
-        dqq = eb[:, None] * tl.dot(dYk, Ks, input_precision=PREC) + tl.dot(dPk, kk, input_precision=PREC)
-        kdS = tl.dot(kk, tl.trans(dKs), input_precision=PREC)  # k dK_endᵀ
-        dUk = -tl.dot(tl.trans(Pk * gam), dYk, input_precision=PREC) - dec[:, None] * kdS
-        dkk = tl.dot(tl.trans(dPk), qq, input_precision=PREC) - tl.dot(Uk * dec[:, None], dKs, input_precision=PREC)
-        uk, dZk, dak = _code_bwd(Zk, aa, gg[:, None] * dUk, mm, M, PHI, EPS)
-        dkk += tl.dot(dZk, Ks, input_precision=PREC)  # through z = k Kᵀ
-        G = dPk * Pk
-        gd = -tl.sum(Uk * kdS, 1) * dec
-        QS = tl.dot(qq, tl.trans(Ks), input_precision=PREC)
-        db = tl.sum(dYk * QS, 1) * eb + tl.sum(G, 1) - tl.sum(G, 0) - gd
-        db_c = tl.sum(tl.sum(dKs * Ks, 1), 0) * tl.exp(b_c) + tl.sum(gd, 0)
-        db += tl.where(oc == C - 1, db_c, 0.0)
-        dKs = tl.exp(b_c) * dKs + tl.dot(tl.trans(dYk * eb[:, None]), qq, input_precision=PREC) \
-            + tl.dot(tl.trans(dZk), kk, input_precision=PREC)
-
+        b, gam, eb, b_c, dec = _chunk_decays(tl.load(lb + gb + t * s_t, mask=tm, other=0.0), oc, C)
+        Z = tl.dot(w, tl.trans(S), input_precision=PREC)
+        wdS = tl.dot(w, tl.trans(dS), input_precision=PREC)  # W dSᵀ
         rows_m = row_m + t[:, None] * s_t * M + om[None, :]
-        tl.store(dq + row_k + t[:, None] * s_t * DK + odk[None, :], dqq, mask=tm[:, None] & (odk[None, :] < DK))
-        tl.store(dk + row_k + t[:, None] * s_t * DK + odk[None, :], dkk, mask=tm[:, None] & (odk[None, :] < DK))
-        mrow = tm[:, None] & mm
-        tl.store(dal + rows_m, tl.load(dal + rows_m, mask=mrow, other=0.0) + dak, mask=mrow)
-        dlbb = tl.sum(db, 0) - tl.cumsum(db, 0) + db
-        tl.store(dlb + gb + t * s_t, tl.load(dlb + gb + t * s_t, mask=tm, other=0.0) + dlbb, mask=tm)
-        dgg = tl.sum(dUk * uk, 1)
-        tl.store(dgm + gb + t * s_t, tl.load(dgm + gb + t * s_t, mask=tm, other=0.0) + dgg, mask=tm)
-    tl.store(dK0 + pid * M * DK + loc_k, dKs, mask=kmask)
+        dU = tl.load(dUU + rows_m, mask=tm[:, None] & mm, other=0.0) - dec[:, None] * wdS
+        u, dZ, da = _code_bwd(Z, a, gg[:, None] * dU, mm, M, PHI, EPS)
+        U = gg[:, None] * u
+        rows_w = row_w + t[:, None] * s_t * D + od[None, :]
+        wmask = tm[:, None] & (od[None, :] < D)
+        dWc = tl.load(dW + rows_w, mask=wmask, other=0.0) - tl.dot(U * dec[:, None], dS, input_precision=PREC) \
+            + tl.dot(dZ, S, input_precision=PREC)  # the last term: through z = W Sᵀ
+        tl.store(dW + rows_w, dWc, mask=wmask)
+        tl.store(dal + rows_m, da, mask=tm[:, None] & mm)
+        tl.store(dgm + gb + t * s_t, tl.sum(dU * u, 1), mask=tm)
+        gd = -tl.sum(U * wdS, 1) * dec  # through dec = e^{b_C - b}
+        db = tl.where(oc == C - 1, tl.sum(tl.sum(dS * S, 1), 0) * tl.exp(b_c) + tl.sum(gd, 0), 0.0) - gd
+        tl.store(dlb + gb + t * s_t, tl.sum(db, 0) - tl.cumsum(db, 0) + db, mask=tm)
+        dS = tl.exp(b_c) * dS + tl.load(dSR + (pid * NC + ci) * M * D + loc, mask=smask, other=0.0) \
+            + tl.dot(tl.trans(dZ), w, input_precision=PREC)
+    tl.store(dS0 + pid * M * D + loc, dS, mask=smask)
 
 
 # -----------------------------------------------------------------------------
@@ -362,41 +378,51 @@ class TrellisChunkFn(torch.autograd.Function):
         B, T, H, DK = q.shape
         DV, M = v.shape[-1], alpha.shape[-1]
         NC = triton.cdiv(T, C)
+        f32 = dict(dtype=torch.float32, device=q.device)
         o = torch.empty_like(v)
         KT, VT = torch.empty_like(K0), torch.empty_like(V0)
-        SK = K0.new_empty(B, H, NC, M, DK)  # chunk-start states, kept for the backward
-        SV = V0.new_empty(B, H, NC, M, DV)
-        meta = dict(DK=DK, DV=DV, M=M, BDK=_block(DK), BDV=_block(DV), BM=_block(M), C=C,
-                    PHI=_PHI_ID[phi], F=_F_ID[f], EPS=tr.NORM_EPS, PREC=prec, num_warps=num_warps,
-                    num_stages=1)  # deeper software pipelining overflows shared memory (NOTES.md)
-        _fwd_kernel[(B * H,)](q, k, v, alpha, log_beta, gamma, K0, V0, o, KT, VT, SK, SV,
-                              T, H, NC, **meta)
-        ctx.save_for_backward(q, k, v, alpha, log_beta, gamma, SK, SV)
-        ctx.meta, ctx.NC = meta, NC
+        SK, SV = torch.empty(B, H, NC, M, DK, **f32), torch.empty(B, H, NC, M, DV, **f32)  # chunk-start states
+        UK, UV = torch.empty(alpha.shape, **f32), torch.empty(alpha.shape, **f32)  # Ubar = γ code(Z, α)
+        dims = dict(DK=DK, DV=DV, M=M, BM=_block(M), C=C, EPS=tr.NORM_EPS, PREC=prec)
+        # (warps, pipeline stages): the sequential kernels prefetch the next chunk; the parallel
+        # ones have no loop to pipeline (NOTES.md has the shared-memory and spill figures)
+        seq = dict(dims, BD=max(_block(DK), _block(DV)), PHI=_PHI_ID[phi], num_warps=num_warps[0], num_stages=2)
+        par = dict(dims, BDK=_block(DK), BDV=_block(DV), F=_F_ID[f], num_warps=num_warps[1], num_stages=1)
+        _state_fwd_kernel[(B * H, 2)](k, v, alpha, log_beta, gamma, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC, **seq)
+        YK = torch.empty(alpha.shape, **f32)  # the key pass's read yhat, kept for the backward
+        _read_fwd_kernel[(NC, B * H)](q, k, v, log_beta, SK, SV, UK, UV, o, YK, T, H, NC, **par)
+        ctx.save_for_backward(q, k, v, alpha, log_beta, gamma, SK, SV, UK, UV, YK)
+        ctx.seq, ctx.par, ctx.NC = seq, par, NC
         return o, KT, VT
 
     @staticmethod
     def backward(ctx, do, dKT, dVT):
-        q, k, v, alpha, log_beta, gamma, SK, SV = ctx.saved_tensors
+        q, k, v, alpha, log_beta, gamma, SK, SV, UK, UV, YK = ctx.saved_tensors
         B, T, H, DK = q.shape
-        M, DV = alpha.shape[-1], v.shape[-1]
-        do = do.contiguous()
-        dKT = SK.new_zeros(B, H, M, DK) if dKT is None else dKT.float().contiguous()
-        dVT = SV.new_zeros(B, H, M, DV) if dVT is None else dVT.float().contiguous()
+        M, DV, NC = alpha.shape[-1], v.shape[-1], ctx.NC
         f32 = dict(dtype=torch.float32, device=q.device)
-        dq, dk = torch.empty(q.shape, **f32), torch.empty(k.shape, **f32)
-        dv, dal = torch.empty(v.shape, **f32), torch.empty(alpha.shape, **f32)
-        dlb, dgm = torch.empty_like(log_beta), torch.empty_like(gamma)
+        do = do.contiguous()
+        dKT = torch.zeros(B, H, M, DK, **f32) if dKT is None else dKT.float().contiguous()
+        dVT = torch.zeros(B, H, M, DV, **f32) if dVT is None else dVT.float().contiguous()
+        dq, dk, dv = torch.empty(q.shape, **f32), torch.empty(k.shape, **f32), torch.empty(v.shape, **f32)
+        dUK, dUV = torch.empty(alpha.shape, **f32), torch.empty(alpha.shape, **f32)
+        dSK, dSV = torch.empty_like(SK), torch.empty_like(SV)  # per chunk, the reads' dL/dS
+        dlb_read = torch.empty_like(log_beta)
+        dYK = torch.empty(alpha.shape, **f32)
+        p = ctx.par
+        _read_bwd_value_kernel[(NC, B * H)](v, log_beta, SV, UV, YK, do, dv, dUV, dSV, dYK, dlb_read, T, H, NC,
+                                            **{n: p[n] for n in ("DV", "M", "BDV", "BM", "C", "F", "EPS", "PREC",
+                                                                 "num_warps", "num_stages")})
+        _read_bwd_key_kernel[(NC, B * H)](q, k, log_beta, SK, UK, dYK, dq, dk, dUK, dSK, dlb_read, T, H, NC,
+                                          **{n: p[n] for n in ("DK", "M", "BDK", "BM", "C", "PREC",
+                                                               "num_warps", "num_stages")})
+        dalK, dalV = torch.empty(alpha.shape, **f32), torch.empty(alpha.shape, **f32)
+        dlbK, dlbV, dgmK, dgmV = (torch.empty_like(log_beta) for _ in range(4))
         dK0, dV0 = torch.empty_like(dKT), torch.empty_like(dVT)
-        dYk = torch.empty(alpha.shape, **f32)  # d yhat, from the value pass to the key pass
-        meta = ctx.meta
-        _bwd_value_kernel[(B * H,)](q, k, v, alpha, log_beta, gamma, SK, SV, do, dVT, dYk, dv, dal, dlb, dgm, dV0,
-                                    T, H, ctx.NC, **meta)
-        key_meta = {n: meta[n] for n in ("DK", "M", "BDK", "BM", "C", "PHI", "EPS", "PREC", "num_warps", "num_stages")}
-        _bwd_key_kernel[(B * H,)](q, k, alpha, log_beta, gamma, SK, dYk, dKT, dq, dk, dal, dlb, dgm, dK0,
-                                  T, H, ctx.NC, **key_meta)
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dal.to(alpha.dtype), dlb, dgm, dK0, dV0,
-                None, None, None, None, None)
+        _state_bwd_kernel[(B * H, 2)](k, v, alpha, log_beta, gamma, SK, SV, dUK, dUV, dSK, dSV, dKT, dVT, dk, dv,
+                                      dalK, dalV, dlbK, dlbV, dgmK, dgmV, dK0, dV0, T, H, NC, **ctx.seq)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), (dalK + dalV).to(alpha.dtype),
+                dlb_read + dlbK + dlbV, dgmK + dgmV, dK0, dV0, None, None, None, None, None)
 
 
 def unsupported(q, v, alpha, phi, f, chunk_size, sweeps):
@@ -420,10 +446,10 @@ def unsupported(q, v, alpha, phi, f, chunk_size, sweeps):
 
 
 def trellis_op_triton(q, k, v, alpha, beta, gamma, K0=None, V0=None, *, phi="norm_silu", f="norm_silu",
-                      chunk_size=64, sweeps=0, precision="tf32", num_warps=4):
+                      chunk_size=64, sweeps=0, precision="tf32", num_warps=(4, 8)):
     """The Triton form of trellis.trellis_op (chunk-start rule). Inputs as there; validate
     with trellis._check_operator_args first (trellis_op does). precision: "tf32" or "ieee"
-    for the fp32 dots."""
+    for the fp32 dots; num_warps: (sequential kernels, parallel kernels)."""
     why = unsupported(q, v, alpha, phi, f, chunk_size, sweeps)
     if why:
         raise ValueError("kernel: " + why)
@@ -506,7 +532,25 @@ def _peak_mib(fn):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def bench(device="cuda", Ts=(1024, 4096, 16384), tokens=32768, H=8, d=64, m=64, C=64, num_warps=(4, 8)):
+def _time_slow(fn, reps=3):
+    """Median of a few runs with CUDA events, for forms too slow for do_bench's estimates."""
+    fn()
+    times = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        fn()
+        e1.record()
+        torch.cuda.synchronize()
+        times.append(e0.elapsed_time(e1))
+    return sorted(times)[len(times) // 2]
+
+
+KERNEL_VARIANTS = {"kernel": (4, 8), "kernel w8/8": (8, 8), "kernel w4/4": (4, 4)}
+
+
+def bench(device="cuda", Ts=(1024, 4096, 16384), pytorch_Ts=(1024, 4096, 16384), tokens=32768, H=8, d=64,
+          m=64, C=64):
     """fwd and fwd+bwd ms (median), tokens/s (fwd+bwd) and peak memory, bf16 inputs."""
     import torch.nn.functional as F
 
@@ -515,11 +559,12 @@ def bench(device="cuda", Ts=(1024, 4096, 16384), tokens=32768, H=8, d=64, m=64, 
         B = tokens // T
         ins = _inputs(B, T, H, d, d, m, torch.bfloat16, device)
         leaves = [t.requires_grad_(True) for t in ins]
-        impls = {f"kernel (w{w})": (lambda w: lambda *a: trellis_op_triton(*a, chunk_size=C, num_warps=w))(w)
-                 for w in num_warps}
-        impls["pytorch chunked"] = lambda *a: tr.trellis_op(*a, chunk_size=C, impl="chunked")
-        if T == 1024:
-            impls["per-token loop"] = lambda *a: tr.trellis_op(*a, chunk_size=1, impl="loop")
+        impls = {name: (lambda w: lambda *a: trellis_op_triton(*a, chunk_size=C, num_warps=w))(w)
+                 for name, w in KERNEL_VARIANTS.items()}
+        if T in pytorch_Ts:
+            impls["pytorch chunked"] = lambda *a: tr.trellis_op(*a, chunk_size=C, impl="chunked")
+            if T == 1024:
+                impls["per-token loop"] = lambda *a: tr.trellis_op(*a, chunk_size=1, impl="loop")
         qs, ks, vs = (torch.randn(B, H, T, d, device=device, dtype=torch.bfloat16, requires_grad=True)
                       for _ in range(3))
         for name, fn in list(impls.items()) + [("sdpa causal", None)]:
@@ -531,15 +576,41 @@ def bench(device="cuda", Ts=(1024, 4096, 16384), tokens=32768, H=8, d=64, m=64, 
                 fwd = (lambda fn: lambda: fn(*leaves))(fn)
                 o0 = fwd()[0]
                 both = (lambda fwd, o0: lambda: torch.autograd.grad(fwd()[0], leaves, o0))(fwd, o0)
-            slow = name in ("pytorch chunked", "per-token loop")
+            timer = _time_slow if name in ("pytorch chunked", "per-token loop") else _time
             with torch.no_grad():
-                t_f = _time(lambda: fwd(), 50 if slow else 200)
-            t_b = _time(both, 50 if slow else 200)
+                t_f = timer(fwd)
+            t_b = timer(both)
             mem = _peak_mib(both)
             rows.append((T, B, name, t_f, t_b, tokens / t_b * 1e3, mem))
             print(f"T={T:6d} B={B:3d} {name:16s} fwd {t_f:9.3f} ms  fwd+bwd {t_b:9.3f} ms  "
                   f"{tokens / t_b * 1e3 / 1e6:8.2f} Mtok/s  peak {mem:8.0f} MiB", flush=True)
     return rows
+
+
+def profile(device="cuda", T=16384, tokens=32768, H=8, d=64, m=64, C=64):
+    """Time of each kernel of the default variant (CUDA events around each launch)."""
+    B = tokens // T
+    ins = [t.requires_grad_(True) for t in _inputs(B, T, H, d, d, m, torch.bfloat16, device)]
+    names = ["_state_fwd_kernel", "_read_fwd_kernel", "_read_bwd_value_kernel", "_read_bwd_key_kernel",
+             "_state_bwd_kernel"]
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    for _ in range(2):
+        o = trellis_op_triton(*ins, chunk_size=C)[0]
+        torch.autograd.grad(o, ins, o)
+    torch.cuda.synchronize()
+    with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            o = trellis_op_triton(*ins, chunk_size=C)[0]
+            torch.autograd.grad(o, ins, o)
+        torch.cuda.synchronize()
+    totals = {}
+    for ev in prof.key_averages():
+        totals[ev.key] = ev.device_time_total / 5 / 1e3 if hasattr(ev, "device_time_total") else ev.cuda_time_total / 5 / 1e3
+    print(f"per-kernel time at T={T}, B={B} (ms per fwd+bwd):")
+    for k, t in sorted(totals.items(), key=lambda kv: -kv[1])[:10]:
+        mark = " <- kernel.py" if any(n in k for n in names) else ""
+        print(f"  {t:8.3f}  {k[:60]}{mark}")
 
 
 def cpu_table(B=1, T=2048, H=4, d=64, m=64, C=64):
@@ -570,6 +641,8 @@ if __name__ == "__main__":
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--T", default="1024,4096,16384", help="sequence lengths (B*T = 32768)")
+    ap.add_argument("--pytorch-T", default="1024,4096,16384", help="T at which to time the PyTorch forms too")
+    ap.add_argument("--profile", action="store_true", help="per-kernel times at T = 16384")
     a = ap.parse_args()
     if a.device == "cpu":
         cpu_table()
@@ -578,4 +651,6 @@ if __name__ == "__main__":
         print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}")
         if not a.skip_check:
             check(a.device)
-        bench(a.device, Ts=[int(t) for t in a.T.split(",")])
+        bench(a.device, Ts=[int(t) for t in a.T.split(",")], pytorch_Ts=[int(t) for t in a.pytorch_T.split(",") if t])
+        if a.profile:
+            profile(a.device)
