@@ -719,3 +719,12 @@ def test_model_with_kernel_equals_chunked():
         results.append([logits.detach()] + [p.grad for p in model.parameters()])
     names = ["logits"] + [n for n, _ in model.named_parameters()]
     assert_all_close(results[1], results[0], 1e-4, names)
+
+
+def test_train_tiny_eval_exact(tmp_path):
+    """--eval-exact reports the trained chunk-start model's val loss under the exact recurrence."""
+    import train_tiny
+
+    out = train_tiny.train(train_tiny.parse_args(
+        _train_argv(tmp_path, "--max-iters", "4", "--eval-interval", "4", "--sample-tokens", "0", "--eval-exact")))
+    assert math.isfinite(out["val_loss_exact"]) and out["val_loss_exact"] != out["history"][-1]["val"]

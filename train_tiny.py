@@ -76,6 +76,8 @@ def parse_args(argv=None):
     # the end of the run
     a("--sample-tokens", type=int, default=200, help="tokens generated at the end (0: none)")
     a("--prompt", default="ROMEO:")
+    a("--eval-exact", action="store_true",
+      help="also report the val loss of the trained model under the exact recurrence (sweeps = chunk_size - 1)")
     a("--bench-decode", action="store_true", help="time generation vs context length instead of training")
     a("--contexts", default="1024,8192,65536", help="contexts for --bench-decode")
     args = p.parse_args(argv)
@@ -310,6 +312,13 @@ def train(args):
                    history=history,
                    wall_s=time.time() - t_start, train_tokens_per_s=train_tokens / max(train_time, 1e-9),
                    params=model.num_params(), device=args.device)
+    if args.eval_exact and cfg.mixer == "trellis" and cfg.sweeps < cfg.chunk_size - 1:
+        # the model was trained with the chunk-start rule; generation uses the exact per-token update
+        sweeps = cfg.sweeps
+        cfg.sweeps = cfg.chunk_size - 1  # the mixers read their (shared) config at every call
+        summary["val_loss_exact"] = estimate_loss(model, {"val": split["val"]}, args, ctx)["val"]
+        cfg.sweeps = sweeps
+        print(f"val loss of the final model under the exact recurrence: {summary['val_loss_exact']:.4f}")
     if args.sample_tokens > 0:
         model.eval()
         prompt = torch.tensor([encode(args.prompt) or [0]], device=args.device)
