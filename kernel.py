@@ -158,16 +158,16 @@ def _chunk_decays(lb, offs_c, C: tl.constexpr):
 
 
 @triton.jit
-def _state_fwd_kernel(k, v, al, lb, gm, K0, V0, SK, SV, UK, UV, ZK, ZV, KT, VT, T, H, NC,
+def _state_fwd_kernel(k, v, al, lb, gm, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC,
                       DK: tl.constexpr, DV: tl.constexpr, M: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
                       C: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
     """Grid (B*H, 2 passes). Per chunk: Z = W Sᵀ, U = γ code(Z, α), S <- e^{b_C} S - (U ⊙ dec)ᵀ W.
-    Stores each chunk's start state [B,H,NC,m,d], U and Z [B,T,H,m] for the other kernels."""
+    Stores each chunk's start state [B,H,NC,m,d] and U [B,T,H,m] for the parallel kernels."""
     pid = tl.program_id(0)
     if tl.program_id(1) == 0:  # key pass: write vectors k, memory K
-        W, S0, SS, UU, ZZ, ST, D = k, K0, SK, UK, ZK, KT, DK
+        W, S0, SS, UU, ST, D = k, K0, SK, UK, KT, DK
     else:  # value pass: write vectors v, memory V
-        W, S0, SS, UU, ZZ, ST, D = v, V0, SV, UV, ZV, VT, DV
+        W, S0, SS, UU, ST, D = v, V0, SV, UV, VT, DV
     bi, h = pid // H, pid % H
     s_b, s_t = T * H, H  # contiguous [B,T,H,*]: row (b, t, h) starts at (b T H + t H + h) * width
     gb = bi * s_b + h  # gates [B,T,H]: (b, t, h) at gb + t * s_t
@@ -185,10 +185,8 @@ def _state_fwd_kernel(k, v, al, lb, gm, K0, V0, SK, SV, UK, UV, ZK, ZV, KT, VT, 
         a = _load_rows(al + row_m, t, tm, om, M, s_t * M)
         gg = tl.load(gm + gb + t * s_t, mask=tm, other=0.0)
         b, gam, eb, b_c, dec = _chunk_decays(tl.load(lb + gb + t * s_t, mask=tm, other=0.0), oc, C)
-        Z = tl.dot(w, tl.trans(S), input_precision=PREC)
-        U = gg[:, None] * _code_fwd(Z, a, mm, M, PHI, EPS)
+        U = gg[:, None] * _code_fwd(tl.dot(w, tl.trans(S), input_precision=PREC), a, mm, M, PHI, EPS)
         tl.store(UU + row_m + t[:, None] * s_t * M + om[None, :], U, mask=tm[:, None] & mm)
-        tl.store(ZZ + row_m + t[:, None] * s_t * M + om[None, :], Z, mask=tm[:, None] & mm)
         S = tl.exp(b_c) * S - tl.dot(tl.trans(U * dec[:, None]), w, input_precision=PREC)
     tl.store(ST + pid * M * D + loc, S, mask=smask)
 
@@ -312,19 +310,18 @@ def _read_bwd_key_kernel(q, k, lb, SK, UK, dYK, dq, dk, dUK, dSK, dlb, T, H, NC,
 
 
 @triton.jit
-def _state_bwd_kernel(k, v, al, lb, gm, SK, SV, ZK, ZV, dUK, dUV, dSK, dSV, dKT, dVT, dalK, dalV,
+def _state_bwd_kernel(k, v, al, lb, gm, SK, SV, dUK, dUV, dSK, dSV, dKT, dVT, dk, dv, dalK, dalV,
                       dlbK, dlbV, dgmK, dgmV, dK0, dV0, T, H, NC,
                       DK: tl.constexpr, DV: tl.constexpr, M: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
                       C: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
     """Grid (B*H, 2 passes), chunks in reverse carrying dS = dL/d(state at the chunk's end):
-    dU = dU_read - dec ⊙ (W dSᵀ);  (dZ, dα) through the code;  dS <- e^{b_C} dS + dS_read + dZᵀ W.
-    Only this is sequential. It overwrites dU_read with dZ and dS_read with the chunk's dS,
-    which _state_bwd_w_kernel turns into dW in parallel."""
+    dU = dU_read - dec ⊙ (W dSᵀ);  (dZ, dα) through the code;  dW += -(U ⊙ dec) dS + dZ S;
+    dS <- e^{b_C} dS + dS_read + dZᵀ W."""
     pid = tl.program_id(0)
     if tl.program_id(1) == 0:
-        W, SS, ZZ, dUU, dSR, dST, dal, dlb, dgm, dS0, D = k, SK, ZK, dUK, dSK, dKT, dalK, dlbK, dgmK, dK0, DK
+        W, SS, dUU, dSR, dST, dW, dal, dlb, dgm, dS0, D = k, SK, dUK, dSK, dKT, dk, dalK, dlbK, dgmK, dK0, DK
     else:
-        W, SS, ZZ, dUU, dSR, dST, dal, dlb, dgm, dS0, D = v, SV, ZV, dUV, dSV, dVT, dalV, dlbV, dgmV, dV0, DV
+        W, SS, dUU, dSR, dST, dW, dal, dlb, dgm, dS0, D = v, SV, dUV, dSV, dVT, dv, dalV, dlbV, dgmV, dV0, DV
     bi, h = pid // H, pid % H
     s_b, s_t = T * H, H
     gb = bi * s_b + h
@@ -339,58 +336,29 @@ def _state_bwd_kernel(k, v, al, lb, gm, SK, SV, ZK, ZV, dUK, dUV, dSK, dSV, dKT,
         t = ci * C + oc
         tm = t < T
         S = tl.load(SS + (pid * NC + ci) * M * D + loc, mask=smask, other=0.0)
-        dS_read = tl.load(dSR + (pid * NC + ci) * M * D + loc, mask=smask, other=0.0)
         w = _load_rows(W + row_w, t, tm, od, D, s_t * D)
-        rows_m = row_m + t[:, None] * s_t * M + om[None, :]
-        mrow = tm[:, None] & mm
-        a = tl.load(al + rows_m, mask=mrow, other=0.0).to(tl.float32)
-        Z = tl.load(ZZ + rows_m, mask=mrow, other=0.0)
+        a = _load_rows(al + row_m, t, tm, om, M, s_t * M)
         gg = tl.load(gm + gb + t * s_t, mask=tm, other=0.0)
         b, gam, eb, b_c, dec = _chunk_decays(tl.load(lb + gb + t * s_t, mask=tm, other=0.0), oc, C)
+        Z = tl.dot(w, tl.trans(S), input_precision=PREC)
         wdS = tl.dot(w, tl.trans(dS), input_precision=PREC)  # W dSᵀ
-        dU = tl.load(dUU + rows_m, mask=mrow, other=0.0) - dec[:, None] * wdS
+        rows_m = row_m + t[:, None] * s_t * M + om[None, :]
+        dU = tl.load(dUU + rows_m, mask=tm[:, None] & mm, other=0.0) - dec[:, None] * wdS
         u, dZ, da = _code_bwd(Z, a, gg[:, None] * dU, mm, M, PHI, EPS)
-        tl.store(dal + rows_m, da, mask=mrow)
+        U = gg[:, None] * u
+        rows_w = row_w + t[:, None] * s_t * D + od[None, :]
+        wmask = tm[:, None] & (od[None, :] < D)
+        dWc = tl.load(dW + rows_w, mask=wmask, other=0.0) - tl.dot(U * dec[:, None], dS, input_precision=PREC) \
+            + tl.dot(dZ, S, input_precision=PREC)  # the last term: through z = W Sᵀ
+        tl.store(dW + rows_w, dWc, mask=wmask)
+        tl.store(dal + rows_m, da, mask=tm[:, None] & mm)
         tl.store(dgm + gb + t * s_t, tl.sum(dU * u, 1), mask=tm)
-        gd = -tl.sum(gg[:, None] * u * wdS, 1) * dec  # through dec = e^{b_C - b}
+        gd = -tl.sum(U * wdS, 1) * dec  # through dec = e^{b_C - b}
         db = tl.where(oc == C - 1, tl.sum(tl.sum(dS * S, 1), 0) * tl.exp(b_c) + tl.sum(gd, 0), 0.0) - gd
         tl.store(dlb + gb + t * s_t, tl.sum(db, 0) - tl.cumsum(db, 0) + db, mask=tm)
-        tl.store(dUU + rows_m, dZ, mask=mrow)  # now dZ
-        tl.store(dSR + (pid * NC + ci) * M * D + loc, dS, mask=smask)  # now dS at the chunk's end
-        dS = tl.exp(b_c) * dS + dS_read + tl.dot(tl.trans(dZ), w, input_precision=PREC)
+        dS = tl.exp(b_c) * dS + tl.load(dSR + (pid * NC + ci) * M * D + loc, mask=smask, other=0.0) \
+            + tl.dot(tl.trans(dZ), w, input_precision=PREC)
     tl.store(dS0 + pid * M * D + loc, dS, mask=smask)
-
-
-@triton.jit
-def _state_bwd_w_kernel(lb, SK, SV, UK, UV, dZK, dZV, dSK, dSV, dk, dv, T, H, NC,
-                        DK: tl.constexpr, DV: tl.constexpr, M: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
-                        C: tl.constexpr, PREC: tl.constexpr):
-    """Grid (NC, B*H, 2 passes): dW += -(U ⊙ dec) dS_end + dZ S (the second term is the
-    gradient through z = W Sᵀ, which a first-order shortcut would drop)."""
-    ci, pid = tl.program_id(0), tl.program_id(1)
-    if tl.program_id(2) == 0:
-        SS, UU, dZZ, dSE, dW, D = SK, UK, dZK, dSK, dk, DK
-    else:
-        SS, UU, dZZ, dSE, dW, D = SV, UV, dZV, dSV, dv, DV
-    bi, h = pid // H, pid % H
-    s_b, s_t = T * H, H
-    gb = bi * s_b + h
-    oc, od, om = tl.arange(0, C), tl.arange(0, BD), tl.arange(0, BM)
-    t = ci * C + oc
-    tm = t < T
-    smask = (om[:, None] < M) & (od[None, :] < D)
-    loc = (pid * NC + ci) * M * D + om[:, None] * D + od[None, :]
-    S = tl.load(SS + loc, mask=smask, other=0.0)
-    dS = tl.load(dSE + loc, mask=smask, other=0.0)
-    row_m = bi * s_b * M + h * M
-    U = _load_rows(UU + row_m, t, tm, om, M, s_t * M)
-    dZ = _load_rows(dZZ + row_m, t, tm, om, M, s_t * M)
-    b, gam, eb, b_c, dec = _chunk_decays(tl.load(lb + gb + t * s_t, mask=tm, other=0.0), oc, C)
-    rows_w = bi * s_b * D + h * D + t[:, None] * s_t * D + od[None, :]
-    wmask = tm[:, None] & (od[None, :] < D)
-    dWc = tl.load(dW + rows_w, mask=wmask, other=0.0) - tl.dot(U * dec[:, None], dS, input_precision=PREC) \
-        + tl.dot(dZ, S, input_precision=PREC)
-    tl.store(dW + rows_w, dWc, mask=wmask)
 
 
 # -----------------------------------------------------------------------------
@@ -420,18 +388,16 @@ class TrellisChunkFn(torch.autograd.Function):
         # ones have no loop to pipeline (NOTES.md has the shared-memory and spill figures)
         seq = dict(dims, BD=max(_block(DK), _block(DV)), PHI=_PHI_ID[phi], num_warps=num_warps[0], num_stages=2)
         par = dict(dims, BDK=_block(DK), BDV=_block(DV), F=_F_ID[f], num_warps=num_warps[1], num_stages=1)
-        ZK, ZV = torch.empty(alpha.shape, **f32), torch.empty(alpha.shape, **f32)  # Z = W Sᵀ
-        _state_fwd_kernel[(B * H, 2)](k, v, alpha, log_beta, gamma, K0, V0, SK, SV, UK, UV, ZK, ZV, KT, VT,
-                                      T, H, NC, **seq)
+        _state_fwd_kernel[(B * H, 2)](k, v, alpha, log_beta, gamma, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC, **seq)
         YK = torch.empty(alpha.shape, **f32)  # the key pass's read yhat, kept for the backward
         _read_fwd_kernel[(NC, B * H)](q, k, v, log_beta, SK, SV, UK, UV, o, YK, T, H, NC, **par)
-        ctx.save_for_backward(q, k, v, alpha, log_beta, gamma, SK, SV, UK, UV, ZK, ZV, YK)
+        ctx.save_for_backward(q, k, v, alpha, log_beta, gamma, SK, SV, UK, UV, YK)
         ctx.seq, ctx.par, ctx.NC = seq, par, NC
         return o, KT, VT
 
     @staticmethod
     def backward(ctx, do, dKT, dVT):
-        q, k, v, alpha, log_beta, gamma, SK, SV, UK, UV, ZK, ZV, YK = ctx.saved_tensors
+        q, k, v, alpha, log_beta, gamma, SK, SV, UK, UV, YK = ctx.saved_tensors
         B, T, H, DK = q.shape
         M, DV, NC = alpha.shape[-1], v.shape[-1], ctx.NC
         f32 = dict(dtype=torch.float32, device=q.device)
@@ -453,11 +419,8 @@ class TrellisChunkFn(torch.autograd.Function):
         dalK, dalV = torch.empty(alpha.shape, **f32), torch.empty(alpha.shape, **f32)
         dlbK, dlbV, dgmK, dgmV = (torch.empty_like(log_beta) for _ in range(4))
         dK0, dV0 = torch.empty_like(dKT), torch.empty_like(dVT)
-        _state_bwd_kernel[(B * H, 2)](k, v, alpha, log_beta, gamma, SK, SV, ZK, ZV, dUK, dUV, dSK, dSV, dKT, dVT,
+        _state_bwd_kernel[(B * H, 2)](k, v, alpha, log_beta, gamma, SK, SV, dUK, dUV, dSK, dSV, dKT, dVT, dk, dv,
                                       dalK, dalV, dlbK, dlbV, dgmK, dgmV, dK0, dV0, T, H, NC, **ctx.seq)
-        w_meta = {n: ctx.seq[n] for n in ("DK", "DV", "M", "BD", "BM", "C", "PREC")}
-        _state_bwd_w_kernel[(NC, B * H, 2)](log_beta, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dk, dv, T, H, NC,
-                                            **w_meta, num_warps=ctx.par["num_warps"], num_stages=1)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), (dalK + dalV).to(alpha.dtype),
                 dlb_read + dlbK + dlbV, dgmK + dgmV, dK0, dV0, None, None, None, None, None)
 
@@ -583,7 +546,7 @@ def _time_slow(fn, reps=3):
     return sorted(times)[len(times) // 2]
 
 
-KERNEL_VARIANTS = {"kernel": (4, 4), "kernel w8/4": (8, 4), "kernel w4/8": (4, 8)}  # (sequential, parallel) warps
+KERNEL_VARIANTS = {"kernel": (4, 4), "kernel w4/8": (4, 8)}  # (sequential, parallel) warps
 
 
 def bench(device="cuda", Ts=(1024, 4096, 16384), pytorch_Ts=(1024, 4096, 16384), tokens=32768, H=8, d=64,
@@ -629,7 +592,7 @@ def profile(device="cuda", T=16384, tokens=32768, H=8, d=64, m=64, C=64):
     B = tokens // T
     ins = [t.requires_grad_(True) for t in _inputs(B, T, H, d, d, m, torch.bfloat16, device)]
     names = ["_state_fwd_kernel", "_read_fwd_kernel", "_read_bwd_value_kernel", "_read_bwd_key_kernel",
-             "_state_bwd_kernel", "_state_bwd_w_kernel"]
+             "_state_bwd_kernel"]
     from torch.profiler import ProfilerActivity, profile as tprofile
 
     for _ in range(2):
