@@ -466,13 +466,17 @@ class AttentionMixer(nn.Module):
         q, k = rotary(q, pos0), rotary(k, pos0)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B,H,T,d]
         if state:
-            k, v = torch.cat([state["k"], k], 2), torch.cat([state["v"], v], 2)  # [B,H,pos0+T,d]
-        # with a cache and one new token, every cached position is visible: no mask needed
-        causal = T > 1
-        if state and T > 1:
-            raise ValueError("AttentionMixer: extend a KV cache one token at a time")
-        p = self.cfg.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=p)  # [B,H,T,d]
+            if T > 1:
+                raise ValueError("AttentionMixer: extend a KV cache one token at a time")
+            k, v = torch.cat([state["k"], k], 2), torch.cat([state["v"], v], 2)  # [B,H,pos0+1,d]
+            # one query sees every cached position. Written out: SDPA may pick a backend that
+            # re-plans for every new cache length (seen on an H100: ~55 ms per token, NOTES.md)
+            dt = torch.promote_types(q.dtype, torch.float32)
+            att = (q.to(dt) @ k.to(dt).transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B,H,1,pos0+1]
+            y = (att.softmax(-1) @ v.to(dt)).to(v.dtype)  # [B,H,1,d]
+        else:
+            p = self.cfg.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)  # [B,H,T,d]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, n)), {"k": k, "v": v}
 
 
