@@ -561,6 +561,8 @@ def test_train_tiny_runs_and_resumes(tmp_path):
     assert vals[-1] < vals[0] - 0.3, vals  # from ~ln(65) = 4.2 toward the character statistics
     ckpt_path = tmp_path / "out" / "ckpt.pt"
     assert torch.load(ckpt_path, weights_only=False)["iter_num"] == 40
+    best = torch.load(tmp_path / "out" / "best.pt", weights_only=False)
+    assert best["best_val_loss"] == min(vals) and best["iter_num"] == 20 * vals.index(min(vals))
     assert len(first["sample"]) > 0
 
     second = train_tiny.train(train_tiny.parse_args(

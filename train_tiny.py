@@ -267,10 +267,13 @@ def train(args):
         nonlocal best_val, last_eval
         last_eval = it
         losses = estimate_loss(model, split, args, ctx)
+        improved = losses["val"] < best_val
         best_val = min(best_val, losses["val"])
         history.append(dict(iter=it, **losses))
         print(f"eval {it}: train {losses['train']:.4f}, val {losses['val']:.4f} (best {best_val:.4f})")
-        save_checkpoint(ckpt_path, model, opt, cfg, args, it, best_val)
+        save_checkpoint(ckpt_path, model, opt, cfg, args, it, best_val)  # the latest, for --resume
+        if improved:  # the best weights so far, for sampling after the run overfits
+            save_checkpoint(os.path.join(args.out_dir, "best.pt"), model, opt, cfg, args, it, best_val)
 
     model.train()
     try:
