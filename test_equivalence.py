@@ -730,3 +730,16 @@ def test_train_tiny_eval_exact(tmp_path):
     out = train_tiny.train(train_tiny.parse_args(
         _train_argv(tmp_path, "--max-iters", "4", "--eval-interval", "4", "--sample-tokens", "0", "--eval-exact")))
     assert math.isfinite(out["val_loss_exact"]) and out["val_loss_exact"] != out["history"][-1]["val"]
+
+
+@pytest.mark.parametrize("impl,sweeps", [("loop", 0), ("chunked", 0), ("chunked", 7)])
+def test_operator_ignores_bf16_autocast(impl, sweeps):
+    """Section 7: memories and gate arithmetic stay float32 under a caller's bf16 autocast
+    (the operator's matmuls must not be downcast): same result as without autocast."""
+    p = Problem(B=1, T=40, H=2, dk=8, dv=8, m=8, gates="uniform", zero_init=False, seed=8)
+    ins = make_inputs(p, dtype=torch.float32)
+    want = tr.trellis_op(*ins, chunk_size=8, sweeps=sweeps, impl=impl)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = tr.trellis_op(*ins, chunk_size=8, sweeps=sweeps, impl=impl)
+    assert all(g.dtype == torch.float32 for g in got)
+    assert_all_close(got, want, 1e-6, ["o", "K", "V"])

@@ -270,9 +270,11 @@ def trellis_op(q, k, v, alpha, beta, gamma, K0=None, V0=None, *, phi="norm_silu"
         run = lambda *a: pass_loop(*a, chunk_size=chunk_size)  # noqa: E731
     else:
         run = lambda *a: pass_chunked(*a, chunk_size=chunk_size, sweeps=sweeps)  # noqa: E731
-    yhat, K = run(kh, ah, bh, gh, K, qh, "q", phi)  # [B,H,T,m]
-    r = F_MAP[f](yhat)  # [B,H,T,m]
-    o, V = run(vh, ah, bh, gh, V, r, "r", phi)  # [B,H,T,d_v]
+    # the caller's autocast would run these matmuls in bf16: the memories must stay fp32
+    with torch.autocast(q.device.type, enabled=False):
+        yhat, K = run(kh, ah, bh, gh, K, qh, "q", phi)  # [B,H,T,m]
+        r = F_MAP[f](yhat)  # [B,H,T,m]
+        o, V = run(vh, ah, bh, gh, V, r, "r", phi)  # [B,H,T,d_v]
     return o.transpose(1, 2).to(v.dtype), K, V  # o: [B,T,H,d_v]
 
 
