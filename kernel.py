@@ -3,18 +3,16 @@
 Same signature and semantics as trellis.trellis_op(..., impl="chunked") with sweeps = 0
 (the paper's chunk-start rule); trellis.py dispatches here on CUDA.
 
-Design (see NOTES.md, "kernel"): one program per (batch, head) walks the chunks in order
-and does both passes per chunk, so the key pass's read Yhat feeds f and the value pass
-without leaving the chip:
+The error code makes the state recurrence nonlinear (U = γ code(W Sᵀ, α) needs the state),
+so the only sequential work is that recurrence; every read is computed for all chunks in
+parallel from the stored chunk-start states (TRELLIS.md sections 6-7):
 
-    key pass:   Zk = k Kᵀ, Uk = γ code(Zk, α), Yhat = e^b q Kᵀ - ((q kᵀ) ⊙ Γ) Uk
-    between:    R = f(Yhat)
-    value pass: Zv = v Vᵀ, Uv = γ code(Zv, α), O = e^b R V - ((R Uvᵀ) ⊙ Γ) v
-    both:       S <- e^{b_C} S - (U ⊙ e^{b_C - b})ᵀ W
-
-The forward stores each chunk's start states (fp32); the backward walks the chunks in
-reverse carrying dK, dV, recomputes the chunk's forward from its start states and applies
-the hand-derived gradients (TRELLIS.md section 7), including the path through z = W Sᵀ.
+    forward   _state_fwd_kernel   (B·H, 2 passes), chunks in order:   Z = W Sᵀ, U, S <- e^{b_C} S - (U ⊙ dec)ᵀ W
+              _read_fwd_kernel    (chunks, B·H):  Yhat = e^b q Kᵀ - ((q kᵀ) ⊙ Γ) Uk,  R = f(Yhat),
+                                                  O = e^b R V - ((R Uvᵀ) ⊙ Γ) v
+    backward  _read_bwd_value_kernel, _read_bwd_key_kernel (chunks, B·H): the reads' gradients
+              _state_bwd_kernel   (B·H, 2 passes), chunks in reverse carrying dS: through the
+                                  codes (including z = W Sᵀ) and the state updates
 
     python kernel.py                  # GPU: check against PyTorch, then the benchmark table
     python kernel.py --device cpu     # CPU: the PyTorch loop vs chunked table

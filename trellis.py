@@ -27,8 +27,10 @@ Inside the passes we use [B, H, T, D] so that heads act as batch for matmuls.
 """
 
 import math
+from dataclasses import dataclass, replace
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 # eps of the LayerNorm inside normalized SiLU. At z = 0 (e.g. a zero memory) SiLU(z) has
@@ -281,11 +283,6 @@ def trellis_op(q, k, v, alpha, beta, gamma, K0=None, V0=None, *, phi="norm_silu"
 # -----------------------------------------------------------------------------
 # 5. The layer and the language model (section 8)
 
-from dataclasses import dataclass  # noqa: E402
-
-import torch.nn as nn  # noqa: E402
-
-
 @dataclass
 class TrellisConfig:
     vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64
@@ -488,8 +485,6 @@ def _mlp_hidden(cfg):
     n = cfg.n_embd
     hidden = 32 * math.ceil(8 * n / 3 / 32)
     if cfg.mixer == "attention":
-        from dataclasses import replace
-
         count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
         extra = count(TrellisMixer(replace(cfg, mixer="trellis"))) - count(AttentionMixer(cfg))
         hidden += round(extra / (3 * n))
