@@ -291,7 +291,7 @@ class TrellisConfig:
     n_head: int = 4  # head size n_embd / n_head = 64
     mixer: str = "trellis"  # "trellis" or "attention" (the same shell with causal softmax attention)
     dropout: float = 0.0
-    # Trellis mixer; every default is justified in NOTES.md section 6
+    # Trellis mixer; every default is justified in NOTES.md section 2
     slots: int = 64  # m
     phi: str = "norm_silu"  # write nonlinearity phi
     f: str = "norm_silu"  # map between the passes
