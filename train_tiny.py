@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import urllib.request
@@ -272,8 +273,10 @@ def train(args):
         history.append(dict(iter=it, **losses))
         print(f"eval {it}: train {losses['train']:.4f}, val {losses['val']:.4f} (best {best_val:.4f})")
         save_checkpoint(ckpt_path, model, opt, cfg, args, it, best_val)  # the latest, for --resume
-        if improved:  # the best weights so far, for sampling after the run overfits
-            save_checkpoint(os.path.join(args.out_dir, "best.pt"), model, opt, cfg, args, it, best_val)
+        if improved:  # the best weights so far, for sampling after the run overfits: a copy, also atomic
+            best_path = os.path.join(args.out_dir, "best.pt")
+            shutil.copyfile(ckpt_path, best_path + ".tmp")
+            os.replace(best_path + ".tmp", best_path)
 
     model.train()
     try:
