@@ -152,14 +152,71 @@ def _chunk_decays(lb, offs_c, C: tl.constexpr):
 
 
 # -----------------------------------------------------------------------------
+# exact chunks (sweeps >= C - 1): the per-token recurrence inside a chunk, as the fixed point
+#   Z = diag(e^{b_{i-1}}) W Sᵀ - L Ū,   L = (W Wᵀ) ⊙ Γ',  Γ'_ij = exp(b_{i-1} - b_j) (j < i)
+# (TRELLIS.md section 6). L is strictly lower triangular, so one pass over the rows in order
+# solves it; the backward solves the transposed system over the rows in reverse.
+
+
+@triton.jit
+def _exact_lower(w, b, lbv, oc, PREC: tl.constexpr):
+    """b_{i-1}, Γ' and L = (W Wᵀ) ⊙ Γ' (zero on and above the diagonal)."""
+    bp = b - lbv
+    low = oc[:, None] > oc[None, :]
+    gp = tl.exp(tl.where(low, bp[:, None] - b[None, :], float("-inf")))  # only exponents <= 0
+    return bp, gp, tl.dot(w, tl.trans(w), input_precision=PREC) * gp
+
+
+@triton.jit
+def _exact_codes_fwd(X, L, a, gg, oc, mm, M: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr,
+                     C: tl.constexpr, BM: tl.constexpr):
+    """Ū row by row: z_i = X_i - sum_{j<i} L_ij Ū_j, Ū_i = γ_i code(z_i, α_i)."""
+    U = tl.zeros([C, BM], dtype=tl.float32)
+    for i in range(0, C):
+        sel = (oc == i)[:, None]
+        li = tl.sum(tl.where(sel, L, 0.0), 0)  # L_ij over j
+        z = tl.sum(tl.where(sel, X, 0.0), 0) - tl.sum(li[:, None] * U, 0)
+        ai = tl.sum(tl.where(sel, a, 0.0), 0)
+        gi = tl.sum(tl.where(oc == i, gg, 0.0), 0)
+        U = tl.where(sel, gi * _code_fwd(z[None, :], ai[None, :], mm, M, PHI, EPS), U)
+    return U
+
+
+@triton.jit
+def _exact_codes_bwd(Z, L, a, gg, dU, oc, mm, M: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr,
+                     C: tl.constexpr, BM: tl.constexpr):
+    """Reverse of _exact_codes_fwd. dU: dL/dŪ from everything but Z (reads, chunk end).
+    Rows in reverse: dŪ_i is complete once every later row has passed its -L_ki dz_k on.
+    Returns dZ, dα, dγ."""
+    dZ = tl.zeros([C, BM], dtype=tl.float32)
+    dA = tl.zeros([C, BM], dtype=tl.float32)
+    dg = tl.zeros([C], dtype=tl.float32)
+    for ii in range(0, C):
+        i = C - 1 - ii
+        sel = (oc == i)[:, None]
+        dui = tl.sum(tl.where(sel, dU, 0.0), 0)
+        gi = tl.sum(tl.where(oc == i, gg, 0.0), 0)
+        u, dz, da = _code_bwd(tl.sum(tl.where(sel, Z, 0.0), 0)[None, :], tl.sum(tl.where(sel, a, 0.0), 0)[None, :],
+                              gi * dui[None, :], mm, M, PHI, EPS)
+        dZ = tl.where(sel, dz, dZ)
+        dA = tl.where(sel, da, dA)
+        dg = tl.where(oc == i, tl.sum(tl.sum(dui[None, :] * u, 1), 0), dg)
+        li = tl.sum(tl.where(sel, L, 0.0), 0)  # L_ij over j < i
+        dU = dU - li[:, None] * dz
+    return dZ, dA, dg
+
+
+# -----------------------------------------------------------------------------
 # forward: K1 walks the chunks (state recurrence only), K2 reads every chunk in parallel
 
 
 @triton.jit
 def _state_fwd_kernel(k, v, al, lb, gm, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC,
                       DK: tl.constexpr, DV: tl.constexpr, M: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
-                      C: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
-    """Grid (B*H, 2 passes). Per chunk: Z = W Sᵀ, U = γ code(Z, α), S <- e^{b_C} S - (U ⊙ dec)ᵀ W.
+                      C: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
+                      EXACT: tl.constexpr):
+    """Grid (B*H, 2 passes). Per chunk: Z = W Sᵀ (EXACT: the per-token z, _exact_codes_fwd),
+    U = γ code(Z, α), S <- e^{b_C} S - (U ⊙ dec)ᵀ W.
     Stores each chunk's start state [B,H,NC,m,d] and U [B,T,H,m] for the parallel kernels."""
     pid = tl.program_id(0)
     if tl.program_id(1) == 0:  # key pass: write vectors k, memory K
@@ -182,8 +239,14 @@ def _state_fwd_kernel(k, v, al, lb, gm, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC
         w = _load_rows(W + row_w, t, tm, od, D, s_t * D)
         a = _load_rows(al + row_m, t, tm, om, M, s_t * M)
         gg = tl.load(gm + gb + t * s_t, mask=tm, other=0.0)
-        b, gam, eb, b_c, dec = _chunk_decays(tl.load(lb + gb + t * s_t, mask=tm, other=0.0), oc, C)
-        U = gg[:, None] * _code_fwd(tl.dot(w, tl.trans(S), input_precision=PREC), a, mm, M, PHI, EPS)
+        lbv = tl.load(lb + gb + t * s_t, mask=tm, other=0.0)
+        b, gam, eb, b_c, dec = _chunk_decays(lbv, oc, C)
+        WS = tl.dot(w, tl.trans(S), input_precision=PREC)  # W Sᵀ
+        if EXACT:
+            bp, _, L = _exact_lower(w, b, lbv, oc, PREC)
+            U = _exact_codes_fwd(tl.exp(bp)[:, None] * WS, L, a, gg, oc, mm, M, PHI, EPS, C, BM)
+        else:
+            U = gg[:, None] * _code_fwd(WS, a, mm, M, PHI, EPS)
         tl.store(UU + row_m + t[:, None] * s_t * M + om[None, :], U, mask=tm[:, None] & mm)
         S = tl.exp(b_c) * S - tl.dot(tl.trans(U * dec[:, None]), w, input_precision=PREC)
     tl.store(ST + pid * M * D + loc, S, mask=smask)
@@ -308,18 +371,20 @@ def _read_bwd_key_kernel(q, k, lb, SK, UK, dYK, dq, dk, dUK, dSK, dlb, T, H, NC,
 
 
 @triton.jit
-def _state_bwd_kernel(k, v, al, lb, gm, SK, SV, dUK, dUV, dSK, dSV, dKT, dVT, dk, dv, dalK, dalV,
+def _state_bwd_kernel(k, v, al, lb, gm, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT, dVT, dk, dv, dalK, dalV,
                       dlbK, dlbV, dgmK, dgmV, dK0, dV0, T, H, NC,
                       DK: tl.constexpr, DV: tl.constexpr, M: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
-                      C: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
+                      C: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
+                      EXACT: tl.constexpr):
     """Grid (B*H, 2 passes), chunks in reverse carrying dS = dL/d(state at the chunk's end):
     dU = dU_read - dec ⊙ (W dSᵀ);  (dZ, dα) through the code;  dW += -(U ⊙ dec) dS + dZ S;
-    dS <- e^{b_C} dS + dS_read + dZᵀ W."""
+    dS <- e^{b_C} dS + dS_read + dZᵀ W.  EXACT: Z = diag(e^{b_{i-1}}) W Sᵀ - L U, so dZ comes
+    from _exact_codes_bwd and also reaches W and log beta through L."""
     pid = tl.program_id(0)
     if tl.program_id(1) == 0:
-        W, SS, dUU, dSR, dST, dW, dal, dlb, dgm, dS0, D = k, SK, dUK, dSK, dKT, dk, dalK, dlbK, dgmK, dK0, DK
+        W, SS, UU, dUU, dSR, dST, dW, dal, dlb, dgm, dS0, D = k, SK, UK, dUK, dSK, dKT, dk, dalK, dlbK, dgmK, dK0, DK
     else:
-        W, SS, dUU, dSR, dST, dW, dal, dlb, dgm, dS0, D = v, SV, dUV, dSV, dVT, dv, dalV, dlbV, dgmV, dV0, DV
+        W, SS, UU, dUU, dSR, dST, dW, dal, dlb, dgm, dS0, D = v, SV, UV, dUV, dSV, dVT, dv, dalV, dlbV, dgmV, dV0, DV
     bi, h = pid // H, pid % H
     s_b, s_t = T * H, H
     gb = bi * s_b + h
@@ -337,23 +402,42 @@ def _state_bwd_kernel(k, v, al, lb, gm, SK, SV, dUK, dUV, dSK, dSV, dKT, dVT, dk
         w = _load_rows(W + row_w, t, tm, od, D, s_t * D)
         a = _load_rows(al + row_m, t, tm, om, M, s_t * M)
         gg = tl.load(gm + gb + t * s_t, mask=tm, other=0.0)
-        b, gam, eb, b_c, dec = _chunk_decays(tl.load(lb + gb + t * s_t, mask=tm, other=0.0), oc, C)
-        Z = tl.dot(w, tl.trans(S), input_precision=PREC)
+        lbv = tl.load(lb + gb + t * s_t, mask=tm, other=0.0)
+        b, gam, eb, b_c, dec = _chunk_decays(lbv, oc, C)
+        WS = tl.dot(w, tl.trans(S), input_precision=PREC)  # W Sᵀ
         wdS = tl.dot(w, tl.trans(dS), input_precision=PREC)  # W dSᵀ
         rows_m = row_m + t[:, None] * s_t * M + om[None, :]
         dU = tl.load(dUU + rows_m, mask=tm[:, None] & mm, other=0.0) - dec[:, None] * wdS
-        u, dZ, da = _code_bwd(Z, a, gg[:, None] * dU, mm, M, PHI, EPS)
-        U = gg[:, None] * u
         rows_w = row_w + t[:, None] * s_t * D + od[None, :]
         wmask = tm[:, None] & (od[None, :] < D)
-        dWc = tl.load(dW + rows_w, mask=wmask, other=0.0) - tl.dot(U * dec[:, None], dS, input_precision=PREC) \
-            + tl.dot(dZ, S, input_precision=PREC)  # the last term: through z = W Sᵀ
+        dWc = tl.load(dW + rows_w, mask=wmask, other=0.0)
+        if EXACT:
+            U = _load_rows(UU + row_m, t, tm, om, M, s_t * M)  # the forward's exact codes
+            bp, gp, L = _exact_lower(w, b, lbv, oc, PREC)
+            ebp = tl.exp(bp)
+            dZ, da, dgv = _exact_codes_bwd(ebp[:, None] * WS - tl.dot(L, U, input_precision=PREC), L, a, gg, dU,
+                                           oc, mm, M, PHI, EPS, C, BM)
+            dL = tl.where(oc[:, None] > oc[None, :], -tl.dot(dZ, tl.trans(U), input_precision=PREC), 0.0)
+            dWW = dL * gp
+            dWc += tl.dot(dWW + tl.trans(dWW), w, input_precision=PREC)  # through L = (W Wᵀ) ⊙ Γ'
+            G = dL * L  # dΓ' ⊙ Γ'
+            gbp = tl.sum(dZ * WS, 1) * ebp + tl.sum(G, 1)  # dL/d b_{i-1}
+            dZ = dZ * ebp[:, None]  # from here on, the gradient w.r.t. W Sᵀ
+            db_extra = gbp - tl.sum(G, 0)
+        else:
+            u, dZ, da = _code_bwd(WS, a, gg[:, None] * dU, mm, M, PHI, EPS)
+            U = gg[:, None] * u
+            dgv = tl.sum(dU * u, 1)
+            gbp = tl.zeros([C], dtype=tl.float32)
+            db_extra = gbp
+        dWc += tl.dot(dZ, S, input_precision=PREC) - tl.dot(U * dec[:, None], dS, input_precision=PREC)
         tl.store(dW + rows_w, dWc, mask=wmask)
         tl.store(dal + rows_m, da, mask=tm[:, None] & mm)
-        tl.store(dgm + gb + t * s_t, tl.sum(dU * u, 1), mask=tm)
+        tl.store(dgm + gb + t * s_t, dgv, mask=tm)
         gd = -tl.sum(U * wdS, 1) * dec  # through dec = e^{b_C - b}
-        db = tl.where(oc == C - 1, tl.sum(tl.sum(dS * S, 1), 0) * tl.exp(b_c) + tl.sum(gd, 0), 0.0) - gd
-        tl.store(dlb + gb + t * s_t, tl.sum(db, 0) - tl.cumsum(db, 0) + db, mask=tm)
+        db = tl.where(oc == C - 1, tl.sum(tl.sum(dS * S, 1), 0) * tl.exp(b_c) + tl.sum(gd, 0), 0.0) - gd + db_extra
+        # d log beta_j = sum_{i>=j} db_i, less the b_{i-1} = b_i - log beta_i share
+        tl.store(dlb + gb + t * s_t, tl.sum(db, 0) - tl.cumsum(db, 0) + db - gbp, mask=tm)
         dS = tl.exp(b_c) * dS + tl.load(dSR + (pid * NC + ci) * M * D + loc, mask=smask, other=0.0) \
             + tl.dot(tl.trans(dZ), w, input_precision=PREC)
     tl.store(dS0 + pid * M * D + loc, dS, mask=smask)
@@ -372,7 +456,7 @@ class TrellisChunkFn(torch.autograd.Function):
     log_beta, gamma [B,T,H] fp32, K0, V0 [B,H,m,d] fp32."""
 
     @staticmethod
-    def forward(ctx, q, k, v, alpha, log_beta, gamma, K0, V0, phi, f, C, prec, num_warps):
+    def forward(ctx, q, k, v, alpha, log_beta, gamma, K0, V0, phi, f, C, exact, prec, num_warps):
         B, T, H, DK = q.shape
         DV, M = v.shape[-1], alpha.shape[-1]
         NC = triton.cdiv(T, C)
@@ -381,11 +465,14 @@ class TrellisChunkFn(torch.autograd.Function):
         KT, VT = torch.empty_like(K0), torch.empty_like(V0)
         SK, SV = torch.empty(B, H, NC, M, DK, **f32), torch.empty(B, H, NC, M, DV, **f32)  # chunk-start states
         UK, UV = torch.empty(alpha.shape, **f32), torch.empty(alpha.shape, **f32)  # Ubar = γ code(Z, α)
-        dims = dict(DK=DK, DV=DV, M=M, BM=_block(M), C=C, EPS=tr.NORM_EPS, PREC=prec)
+        dims = dict(DK=DK, DV=DV, M=M, BM=_block(M), C=C, PREC=prec)
         # (warps, pipeline stages): the sequential kernels prefetch the next chunk; the parallel
         # ones have no loop to pipeline (NOTES.md has the shared-memory and spill figures)
-        seq = dict(dims, BD=max(_block(DK), _block(DV)), PHI=_PHI_ID[phi], num_warps=num_warps[0], num_stages=2)
-        par = dict(dims, BDK=_block(DK), BDV=_block(DV), F=_F_ID[f], num_warps=num_warps[1], num_stages=1)
+        # the sequential kernels evaluate phi's code, the parallel ones f: each has its own eps
+        seq = dict(dims, BD=max(_block(DK), _block(DV)), PHI=_PHI_ID[phi], EPS=tr.PHI_EPS, EXACT=exact,
+                   num_warps=num_warps[0], num_stages=2)
+        par = dict(dims, BDK=_block(DK), BDV=_block(DV), F=_F_ID[f], EPS=tr.NORM_EPS, num_warps=num_warps[1],
+                   num_stages=1)
         _state_fwd_kernel[(B * H, 2)](k, v, alpha, log_beta, gamma, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC, **seq)
         YK = torch.empty(alpha.shape, **f32)  # the key pass's read yhat, kept for the backward
         _read_fwd_kernel[(NC, B * H)](q, k, v, log_beta, SK, SV, UK, UV, o, YK, T, H, NC, **par)
@@ -417,10 +504,11 @@ class TrellisChunkFn(torch.autograd.Function):
         dalK, dalV = torch.empty(alpha.shape, **f32), torch.empty(alpha.shape, **f32)
         dlbK, dlbV, dgmK, dgmV = (torch.empty_like(log_beta) for _ in range(4))
         dK0, dV0 = torch.empty_like(dKT), torch.empty_like(dVT)
-        _state_bwd_kernel[(B * H, 2)](k, v, alpha, log_beta, gamma, SK, SV, dUK, dUV, dSK, dSV, dKT, dVT, dk, dv,
+        _state_bwd_kernel[(B * H, 2)](k, v, alpha, log_beta, gamma, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT, dVT,
+                                      dk, dv,
                                       dalK, dalV, dlbK, dlbV, dgmK, dgmV, dK0, dV0, T, H, NC, **ctx.seq)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), (dalK + dalV).to(alpha.dtype),
-                dlb_read + dlbK + dlbV, dgmK + dgmV, dK0, dV0, None, None, None, None, None)
+                dlb_read + dlbK + dlbV, dgmK + dgmV, dK0, dV0, None, None, None, None, None, None)
 
 
 def unsupported(q, v, alpha, phi, f, chunk_size, sweeps):
@@ -429,8 +517,9 @@ def unsupported(q, v, alpha, phi, f, chunk_size, sweeps):
         return f"phi={phi!r} is not supported (supported: {SUPPORTED_PHI})"
     if f not in SUPPORTED_F:
         return f"f={f!r} is not supported (supported: {SUPPORTED_F})"
-    if sweeps != 0:
-        return f"sweeps={sweeps} is not supported (only 0, the chunk-start rule); use impl='chunked' for sweeps"
+    if 0 < sweeps < chunk_size - 1:
+        return (f"sweeps={sweeps} is not supported (0, the chunk-start rule, or >= chunk_size - 1, exact); "
+                f"use impl='chunked' for partial refinement")
     if chunk_size not in (16, 32, 64):
         return f"chunk_size must be 16, 32 or 64, got {chunk_size}"
     for name, n in dict(d_k=q.shape[-1], d_v=v.shape[-1], m=alpha.shape[-1]).items():
@@ -459,7 +548,8 @@ def trellis_op_triton(q, k, v, alpha, beta, gamma, K0=None, V0=None, *, phi="nor
     gamma = gamma.float().contiguous()
     K0 = q.new_zeros(B, H, m, dk, dtype=torch.float32) if K0 is None else K0.float().contiguous()
     V0 = q.new_zeros(B, H, m, dv, dtype=torch.float32) if V0 is None else V0.float().contiguous()
-    o, KT, VT = TrellisChunkFn.apply(q, k, v, alpha, log_beta, gamma, K0, V0, phi, f, chunk_size,
+    exact = sweeps >= chunk_size - 1 > 0  # the per-token recurrence inside each chunk
+    o, KT, VT = TrellisChunkFn.apply(q, k, v, alpha, log_beta, gamma, K0, V0, phi, f, chunk_size, exact,
                                      precision, num_warps)
     return o.to(v.dtype), KT, VT
 
@@ -493,25 +583,29 @@ def check(device="cuda"):
     """Max relative error (max |x - ref| / max |ref|) per tensor, kernel vs the float64
     PyTorch chunked form on the same inputs."""
     names = ["o", "K", "V", "dq", "dk", "dv", "dalpha", "dbeta", "dgamma", "dK0", "dV0"]
-    cases = [  # (label, dtype, precision, shape B, T, H, dk, dv, m, C, phi, f)
-        ("fp32 tf32", torch.float32, "tf32", (2, 300, 4, 64, 64, 64, 64, "norm_silu", "norm_silu")),
-        ("fp32 ieee", torch.float32, "ieee", (2, 300, 4, 64, 64, 64, 64, "norm_silu", "norm_silu")),
-        ("bf16 tf32", torch.bfloat16, "tf32", (2, 300, 4, 64, 64, 64, 64, "norm_silu", "norm_silu")),
-        ("fp32 ieee odd", torch.float32, "ieee", (3, 77, 2, 40, 24, 48, 32, "silu", "l2_silu")),
-        ("fp32 ieee id", torch.float32, "ieee", (1, 1000, 2, 128, 128, 128, 16, "identity", "norm_silu")),
-        ("bf16 tf32 1k", torch.bfloat16, "tf32", (4, 1024, 8, 64, 64, 64, 64, "norm_silu", "norm_silu")),
+    cases = [  # (label, dtype, precision, shape B, T, H, dk, dv, m, C, phi, f, exact)
+        ("fp32 tf32", torch.float32, "tf32", (2, 300, 4, 64, 64, 64, 64, "norm_silu", "norm_silu", False)),
+        ("fp32 ieee", torch.float32, "ieee", (2, 300, 4, 64, 64, 64, 64, "norm_silu", "norm_silu", False)),
+        ("bf16 tf32", torch.bfloat16, "tf32", (2, 300, 4, 64, 64, 64, 64, "norm_silu", "norm_silu", False)),
+        ("fp32 ieee odd", torch.float32, "ieee", (3, 77, 2, 40, 24, 48, 32, "silu", "l2_silu", False)),
+        ("fp32 ieee id", torch.float32, "ieee", (1, 1000, 2, 128, 128, 128, 16, "identity", "norm_silu", False)),
+        ("bf16 tf32 1k", torch.bfloat16, "tf32", (4, 1024, 8, 64, 64, 64, 64, "norm_silu", "norm_silu", False)),
+        ("exact fp32 ieee", torch.float32, "ieee", (2, 300, 4, 64, 64, 64, 64, "norm_silu", "norm_silu", True)),
+        ("exact odd", torch.float32, "ieee", (3, 77, 2, 40, 24, 48, 32, "silu", "l2_silu", True)),
+        ("exact bf16 tf32", torch.bfloat16, "tf32", (2, 300, 4, 64, 64, 64, 64, "norm_silu", "norm_silu", True)),
     ]
-    print(f"{'case':14s} " + " ".join(f"{n:>8s}" for n in names))
+    print(f"{'case':16s} " + " ".join(f"{n:>8s}" for n in names))
     worst = {}
-    for label, dtype, prec, (B, T, H, dk, dv, m, C, phi, f) in cases:
+    for label, dtype, prec, (B, T, H, dk, dv, m, C, phi, f, exact) in cases:
         ins = _inputs(B, T, H, dk, dv, m, dtype, device)
-        ref = _fwd_bwd(lambda *a: tr.trellis_op(*a, phi=phi, f=f, chunk_size=C, impl="chunked"),
+        sw = C - 1 if exact else 0  # the reference for exact: C - 1 sweeps (= the per-token loop, tested)
+        ref = _fwd_bwd(lambda *a: tr.trellis_op(*a, phi=phi, f=f, chunk_size=C, sweeps=sw, impl="chunked"),
                        [t.double() for t in ins])
-        got = _fwd_bwd(lambda *a: trellis_op_triton(*a, phi=phi, f=f, chunk_size=C, precision=prec), ins)
+        got = _fwd_bwd(lambda *a: trellis_op_triton(*a, phi=phi, f=f, chunk_size=C, sweeps=sw, precision=prec), ins)
         errs = [((x.double() - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() for x, r in zip(got, ref)]
         ok = all(math.isfinite(e) for e in errs)
         worst[label] = max(errs) if ok else float("nan")
-        print(f"{label:14s} " + " ".join(f"{e:8.1e}" for e in errs), flush=True)
+        print(f"{label:16s} " + " ".join(f"{e:8.1e}" for e in errs), flush=True)
     return worst
 
 
@@ -544,7 +638,7 @@ def _time_slow(fn, reps=3):
     return sorted(times)[len(times) // 2]
 
 
-KERNEL_VARIANTS = {"kernel": (4, 4), "kernel w4/8": (4, 8)}  # (sequential, parallel) warps
+KERNEL_VARIANTS = {"kernel": ((4, 4), 0), "kernel exact": ((4, 4), 63)}  # ((sequential, parallel) warps, sweeps)
 
 
 def bench(device="cuda", Ts=(1024, 4096, 16384), pytorch_Ts=(1024, 4096, 16384), tokens=32768, H=8, d=64,
@@ -557,8 +651,8 @@ def bench(device="cuda", Ts=(1024, 4096, 16384), pytorch_Ts=(1024, 4096, 16384),
         B = tokens // T
         ins = _inputs(B, T, H, d, d, m, torch.bfloat16, device)
         leaves = [t.requires_grad_(True) for t in ins]
-        impls = {name: (lambda w: lambda *a: trellis_op_triton(*a, chunk_size=C, num_warps=w))(w)
-                 for name, w in KERNEL_VARIANTS.items()}
+        impls = {name: (lambda w, sw: lambda *a: trellis_op_triton(*a, chunk_size=C, sweeps=sw, num_warps=w))(w, sw)
+                 for name, (w, sw) in KERNEL_VARIANTS.items()}
         if T in pytorch_Ts:
             impls["pytorch chunked"] = lambda *a: tr.trellis_op(*a, chunk_size=C, impl="chunked")
             if T == 1024:

@@ -608,6 +608,49 @@ def test_train_tiny_stops_on_nonfinite_loss_and_keeps_checkpoint(tmp_path, monke
     assert ckpt["iter_num"] == 10 and all(torch.isfinite(p).all() for p in ckpt["model"].values())
 
 
+class _InfGrad(torch.autograd.Function):
+    """Identity forward; an infinite gradient backward (an overflowed backward pass)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
+@pytest.mark.parametrize("bad_calls,stops", [({13, 14}, False), (set(range(13, 100)), True)])
+def test_train_tiny_skips_nonfinite_gradients(tmp_path, monkeypatch, bad_calls, stops):
+    """A finite loss with an overflowed gradient skips that update (the weights stay finite);
+    ten in a row stop the run with the checkpoint intact."""
+    import train_tiny
+
+    real_forward, calls = tr.TrellisLM.forward, [0]
+
+    def poisoned(self, idx, targets=None, state=None):
+        logits, loss, st_ = real_forward(self, idx, targets, state)
+        if self.training and targets is not None:
+            calls[0] += 1
+            if calls[0] in bad_calls:
+                loss = _InfGrad.apply(loss)
+        return logits, loss, st_
+
+    monkeypatch.setattr(tr.TrellisLM, "forward", poisoned)
+    args = train_tiny.parse_args(_train_argv(tmp_path, "--max-iters", "30", "--eval-interval", "10",
+                                             "--sample-tokens", "0"))
+    if stops:
+        with pytest.raises(SystemExit, match="10 non-finite gradients in a row"):
+            train_tiny.train(args)
+        ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)
+        assert ckpt["iter_num"] == 20 and all(torch.isfinite(p).all() for p in ckpt["model"].values())
+    else:
+        out = train_tiny.train(args)
+        assert out["skipped_updates"] == 2 and out["iters"] == 30
+        ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)
+        assert all(torch.isfinite(p).all() for p in ckpt["model"].values())
+
+
 def test_train_tiny_ctrl_c_saves(tmp_path, monkeypatch):
     import train_tiny
 
@@ -662,6 +705,19 @@ def test_kernel_equals_chunked_form(p, C, phi, f):
     assert_all_close([g.double() for g in ggot], gwant, 2e-4, GRAD_NAMES)
 
 
+@given(p=problems(max_T=40, max_d=20), C=st.sampled_from([16, 32]), extra=st.sampled_from([0, 5]),
+       phi=st.sampled_from(PHIS), f=st.sampled_from(FS))
+def test_kernel_exact_equals_recurrence(p, C, extra, phi, f):
+    """Section 6: with sweeps >= C - 1 the kernel runs the exact per-token recurrence (row by
+    row inside each chunk, and the transposed solve in the backward): it equals the float64
+    per-token loop, outputs, final states and every gradient."""
+    ins = make_inputs(p, dtype=torch.float32)
+    want, gwant = outputs_and_grads(_as64(ins), p.seed, phi=phi, f=f, chunk_size=1, impl="loop")
+    got, ggot = outputs_and_grads(ins, p.seed, phi=phi, f=f, chunk_size=C, sweeps=C - 1 + extra, impl="kernel")
+    assert_all_close([g.double() for g in got], want, 2e-4, ["o", "K", "V"])
+    assert_all_close([g.double() for g in ggot], gwant, 2e-4, GRAD_NAMES)
+
+
 @pytest.mark.parametrize("phi", PHIS)
 def test_kernel_bf16_inputs(phi):
     """bf16 q, k, v, alpha with fp32 memories: the kernel equals the float64 chunked form on
@@ -708,13 +764,15 @@ def test_kernel_unsupported_inputs_raise():
         tr.trellis_op(*make_inputs(p, dtype=torch.float32), impl="kernel", chunk_size=16)
 
 
-def test_model_with_kernel_equals_chunked():
+@pytest.mark.parametrize("sweeps", [0, 15])
+def test_model_with_kernel_equals_chunked(sweeps):
     """The model dispatches to the kernel with its real tensors (views, expanded initial
-    memories): same logits and parameter gradients as the PyTorch chunked form."""
+    memories): same logits and parameter gradients as the PyTorch chunked form, for the
+    chunk-start rule and the exact recurrence."""
     results = []
     for impl in ("chunked", "kernel"):
         torch.manual_seed(0)
-        model = tr.TrellisLM(tiny_config(n_embd=32, n_head=2, slots=16, chunk_size=16, impl=impl))
+        model = tr.TrellisLM(tiny_config(n_embd=32, n_head=2, slots=16, chunk_size=16, sweeps=sweeps, impl=impl))
         idx = torch.randint(0, 61, (2, 37), generator=torch.Generator().manual_seed(1))
         logits, loss, _ = model(idx, targets=torch.roll(idx, -1, 1))
         loss.backward()

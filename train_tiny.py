@@ -73,6 +73,7 @@ def parse_args(argv=None):
     a("--chunk-size", type=int, default=64)
     a("--sweeps", type=int, default=0, help="0: the paper's chunk-start rule; chunk_size - 1: exact")
     a("--no-forget-gate", action="store_true", help="ablation: beta = 1")
+    a("--gamma-max", type=float, default=0.1, help="inner step size bound: gamma = gamma_max * sigmoid(.)")
     a("--impl", default="auto", choices=["auto", "kernel", "chunked", "loop"], help="operator implementation")
     # the end of the run
     a("--sample-tokens", type=int, default=200, help="tokens generated at the end (0: none)")
@@ -179,7 +180,8 @@ def model_config(args, vocab_size):
     return TrellisConfig(vocab_size=vocab_size, n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head,
                          mixer=args.mixer, dropout=args.dropout, slots=args.slots, phi=args.phi, f=args.f,
                          chunk_size=args.chunk_size, sweeps=args.sweeps, impl=args.impl,
-                         forget_gate=not args.no_forget_gate)
+                         forget_gate=not args.no_forget_gate, gamma_max=args.gamma_max,
+                         gamma_init=args.gamma_max / 2)
 
 
 def make_optimizer(model, args):
@@ -261,6 +263,7 @@ def train(args):
     tokens_per_iter = args.batch_size * args.block_size
     t_start, train_tokens, train_time = time.time(), 0, 0.0
     history = []
+    bad_grads = skipped = 0  # consecutive and total updates skipped for a non-finite gradient
 
     last_eval = it if args.resume else -1  # a resumed run was evaluated when it was saved
 
@@ -294,9 +297,18 @@ def train(args):
                      f"({ckpt_path}) is untouched: resume from it with a lower --lr.")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            opt.step()
+            # the norm before clipping (no clipping with --grad-clip 0): a long recurrence's gradients show here
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                       args.grad_clip if args.grad_clip > 0 else float("inf"))
+            if torch.isfinite(grad_norm):
+                opt.step()
+                bad_grads = 0
+            else:  # an overflowed gradient would turn every weight into NaN: skip this update
+                bad_grads, skipped = bad_grads + 1, skipped + 1
+                print(f"iter {it}: gradient norm {grad_norm.item()}, update skipped")
+                if bad_grads >= 10:
+                    fail(f"10 non-finite gradients in a row at iter {it}; stopping. The last good checkpoint "
+                         f"({ckpt_path}) is untouched: resume from it with a lower --lr.")
             if cuda:
                 torch.cuda.synchronize()
             dt = time.time() - t0
@@ -304,8 +316,8 @@ def train(args):
             if it > 2:  # the first iterations compile kernels: leave them out of throughput
                 train_tokens, train_time = train_tokens + tokens_per_iter, train_time + dt
             if it % args.log_interval == 0:
-                print(f"iter {it}: loss {loss.item():.4f}, lr {lr_at(it - 1, args):.2e}, "
-                      f"{dt * 1e3:.1f} ms/iter, {tokens_per_iter / dt:,.0f} tok/s")
+                print(f"iter {it}: loss {loss.item():.4f}, grad norm {grad_norm.item():.3g}, "
+                      f"lr {lr_at(it - 1, args):.2e}, {dt * 1e3:.1f} ms/iter, {tokens_per_iter / dt:,.0f} tok/s")
         if it != last_eval:
             evaluate_and_save()
     except KeyboardInterrupt:
@@ -317,6 +329,7 @@ def train(args):
                    chunk_size=cfg.chunk_size, block_size=args.block_size, iters=it, best_val_loss=best_val,
                    history=history,
                    wall_s=time.time() - t_start, train_tokens_per_s=train_tokens / max(train_time, 1e-9),
+                   skipped_updates=skipped,
                    params=model.num_params(), device=args.device)
     if args.eval_exact and cfg.mixer == "trellis" and cfg.sweeps < cfg.chunk_size - 1:
         # the model was trained with the chunk-start rule; generation uses the exact per-token update
