@@ -1,7 +1,8 @@
 """Triton kernels for the chunked two-pass Trellis operator, forward and backward.
 
 Same signature and semantics as trellis.trellis_op(..., impl="chunked") with sweeps = 0
-(the paper's chunk-start rule); trellis.py dispatches here on CUDA.
+(the paper's chunk-start rule) or sweeps >= C - 1 (the exact per-token recurrence, solved
+row by row inside each chunk); trellis.py dispatches here on CUDA.
 
 The error code makes the state recurrence nonlinear (U = γ code(W Sᵀ, α) needs the state),
 so the only sequential work is that recurrence; every read is computed for all chunks in
@@ -534,9 +535,10 @@ def unsupported(q, v, alpha, phi, f, chunk_size, sweeps):
 
 def trellis_op_triton(q, k, v, alpha, beta, gamma, K0=None, V0=None, *, phi="norm_silu", f="norm_silu",
                       chunk_size=64, sweeps=0, precision="tf32", num_warps=(4, 4)):
-    """The Triton form of trellis.trellis_op (chunk-start rule). Inputs as there; validate
-    with trellis._check_operator_args first (trellis_op does). precision: "tf32" or "ieee"
-    for the fp32 dots; num_warps: (sequential kernels, parallel kernels)."""
+    """The Triton form of trellis.trellis_op: the chunk-start rule (sweeps = 0) or the exact
+    recurrence (sweeps >= C - 1). Inputs as there; validate with trellis._check_operator_args
+    first (trellis_op does). precision: "tf32" or "ieee" for the fp32 dots; num_warps:
+    (sequential kernels, parallel kernels)."""
     why = unsupported(q, v, alpha, phi, f, chunk_size, sweeps)
     if why:
         raise ValueError("kernel: " + why)
