@@ -169,17 +169,21 @@ def _exact_lower(w, b, lbv, oc, PREC: tl.constexpr):
 
 
 @triton.jit
+def _pick(x, sel):
+    """Row i of a tile (sel = rows == i, as a column mask), or element i of a vector."""
+    return tl.sum(tl.where(sel, x, 0.0), 0)
+
+
+@triton.jit
 def _exact_codes_fwd(X, L, a, gg, oc, mm, M: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr,
                      C: tl.constexpr, BM: tl.constexpr):
     """Ū row by row: z_i = X_i - sum_{j<i} L_ij Ū_j, Ū_i = γ_i code(z_i, α_i)."""
     U = tl.zeros([C, BM], dtype=tl.float32)
     for i in range(0, C):
         sel = (oc == i)[:, None]
-        li = tl.sum(tl.where(sel, L, 0.0), 0)  # L_ij over j
-        z = tl.sum(tl.where(sel, X, 0.0), 0) - tl.sum(li[:, None] * U, 0)
-        ai = tl.sum(tl.where(sel, a, 0.0), 0)
-        gi = tl.sum(tl.where(oc == i, gg, 0.0), 0)
-        U = tl.where(sel, gi * _code_fwd(z[None, :], ai[None, :], mm, M, PHI, EPS), U)
+        z = _pick(X, sel) - tl.sum(_pick(L, sel)[:, None] * U, 0)  # row i of L: L_ij over j
+        u = _code_fwd(z[None, :], _pick(a, sel)[None, :], mm, M, PHI, EPS)
+        U = tl.where(sel, _pick(gg, oc == i) * u, U)
     return U
 
 
@@ -195,15 +199,13 @@ def _exact_codes_bwd(Z, L, a, gg, dU, oc, mm, M: tl.constexpr, PHI: tl.constexpr
     for ii in range(0, C):
         i = C - 1 - ii
         sel = (oc == i)[:, None]
-        dui = tl.sum(tl.where(sel, dU, 0.0), 0)
-        gi = tl.sum(tl.where(oc == i, gg, 0.0), 0)
-        u, dz, da = _code_bwd(tl.sum(tl.where(sel, Z, 0.0), 0)[None, :], tl.sum(tl.where(sel, a, 0.0), 0)[None, :],
-                              gi * dui[None, :], mm, M, PHI, EPS)
+        dui = _pick(dU, sel)[None, :]
+        u, dz, da = _code_bwd(_pick(Z, sel)[None, :], _pick(a, sel)[None, :], _pick(gg, oc == i) * dui,
+                              mm, M, PHI, EPS)
         dZ = tl.where(sel, dz, dZ)
         dA = tl.where(sel, da, dA)
-        dg = tl.where(oc == i, tl.sum(tl.sum(dui[None, :] * u, 1), 0), dg)
-        li = tl.sum(tl.where(sel, L, 0.0), 0)  # L_ij over j < i
-        dU = dU - li[:, None] * dz
+        dg = tl.where(oc == i, tl.sum(tl.sum(dui * u, 1), 0), dg)
+        dU = dU - _pick(L, sel)[:, None] * dz  # row i of L: L_ij over j < i
     return dZ, dA, dg
 
 

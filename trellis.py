@@ -325,10 +325,10 @@ class TrellisConfig:
                 raise ValueError(f"TrellisConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not isinstance(self.sweeps, int) or self.sweeps < 0:
             raise ValueError(f"TrellisConfig.sweeps must be an int >= 0, got {self.sweeps!r}")
-        for name in ("beta_init", "gamma_max"):
-            if not 0 < getattr(self, name) < 1 + (name == "gamma_max"):
-                raise ValueError(f"TrellisConfig.{name} must be in (0, {1 + (name == 'gamma_max')}), "
-                                 f"got {getattr(self, name)!r}")
+        if not 0 < self.beta_init < 1:
+            raise ValueError(f"TrellisConfig.beta_init must be in (0, 1), got {self.beta_init!r}")
+        if not 0 < self.gamma_max < 2:  # gamma ||w||^2 < 2 for unit writes (TRELLIS.md section 5)
+            raise ValueError(f"TrellisConfig.gamma_max must be in (0, 2), got {self.gamma_max!r}")
         if not 0 < self.gamma_init < self.gamma_max:
             raise ValueError(f"TrellisConfig.gamma_init must be in (0, gamma_max = {self.gamma_max}), "
                              f"got {self.gamma_init!r}")
