@@ -551,8 +551,9 @@ def _train_argv(tmp_path, *extra):
             "--eval-iters", "4", "--sample-tokens", "20", "--lr", "3e-3", "--warmup-iters", "5", *extra]
 
 
-def test_train_tiny_runs_and_resumes(tmp_path):
-    """A few iterations end to end: the loss goes down, a checkpoint is written, --resume continues."""
+def test_train_tiny_runs_and_resumes(tmp_path, monkeypatch):
+    """A few iterations end to end: the loss goes down, a checkpoint is written, --resume continues
+    (and refuses a checkpoint trained with other values of trellis.py's module constants)."""
     import train_tiny
 
     first = train_tiny.train(train_tiny.parse_args(_train_argv(tmp_path, "--max-iters", "40", "--eval-interval", "20")))
@@ -569,6 +570,11 @@ def test_train_tiny_runs_and_resumes(tmp_path):
         _train_argv(tmp_path, "--max-iters", "50", "--eval-interval", "20", "--resume")))
     assert [h["iter"] for h in second["history"]] == [50]
     assert second["best_val_loss"] <= first["best_val_loss"]
+    assert torch.load(ckpt_path, weights_only=False)["iter_num"] == 50
+
+    monkeypatch.setattr(tr, "PHI_EPS", tr.PHI_EPS / 2)
+    with pytest.raises(SystemExit, match="constants"):
+        train_tiny.train(train_tiny.parse_args(_train_argv(tmp_path, "--max-iters", "60", "--resume")))
     assert torch.load(ckpt_path, weights_only=False)["iter_num"] == 50
 
 
