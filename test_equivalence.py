@@ -578,6 +578,21 @@ def test_train_tiny_runs_and_resumes(tmp_path, monkeypatch):
     assert torch.load(ckpt_path, weights_only=False)["iter_num"] == 50
 
 
+def test_bench_decode_state_sizes(tmp_path):
+    """--bench-decode: the Trellis state is the same size at every context; the KV cache
+    grows by exactly one token per position."""
+    import train_tiny
+
+    args = train_tiny.parse_args(_train_argv(tmp_path, "--bench-decode", "--contexts", "8,40"))
+    rows = train_tiny.bench_decode(args, steps=2, rounds=2)
+    size = {(mixer, T): nbytes for mixer, T, ms, nbytes, numel in rows}
+    assert all(ms > 0 for _, _, ms, _, _ in rows) and len(rows) == 4
+    assert size["trellis", 8] == size["trellis", 40]
+    n_layer, n_embd = args.n_layer, args.n_embd
+    per_token = 2 * n_layer * n_embd * 4  # k and v, float32 on the CPU
+    assert size["attention", 40] - size["attention", 8] == (40 - 8) * per_token
+
+
 def test_train_tiny_gpt2_tokenizer_offline(tmp_path):
     """GPT-2 BPE through tiktoken's cached ranks (TIKTOKEN_CACHE_DIR), token ids cached as uint16."""
     import train_tiny

@@ -366,33 +366,42 @@ def train(args):
 
 
 @torch.no_grad()
-def bench_decode(args, steps=32):
+def bench_decode(args, steps=16, rounds=8):
+    """ms per generated token after a synthetic prompt of each context length. The contexts
+    are timed in interleaved rounds, so that drift of the machine (clocks, the host's load)
+    does not show up as a trend in context; the median over all rounds is reported."""
     rows = []
     cuda = args.device.startswith("cuda")
+    contexts = [int(c) for c in args.contexts.split(",")]
     for mixer in ("trellis", "attention"):
         args.mixer = mixer
         torch.manual_seed(args.seed)
         model = TrellisLM(model_config(args, 50304)).to(args.device).eval()
         if cuda:
             model = model.to(torch.bfloat16)
-        for T in [int(c) for c in args.contexts.split(",")]:
+        runs = {}  # context -> [next token, state, step times]
+        for T in contexts:
             prompt = torch.randint(0, 50304, (1, T), device=args.device)  # synthetic prompt
             logits, _, state = model(prompt)
-            tok = logits[:, -1:].argmax(-1)
-            times = []
-            for _ in range(steps):
-                if cuda:
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                logits, _, state = model(tok, state=state)
-                tok = logits[:, -1:].argmax(-1)
-                if cuda:
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
+            runs[T] = [logits[:, -1:].argmax(-1), state, []]
+        for _ in range(rounds):
+            for T, run in runs.items():
+                for _ in range(steps):
+                    if cuda:
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    logits, _, run[1] = model(run[0], state=run[1])
+                    run[0] = logits[:, -1:].argmax(-1)
+                    if cuda:
+                        torch.cuda.synchronize()
+                    run[2].append(time.perf_counter() - t0)
+        for T, (_, state, times) in runs.items():
             nbytes = sum(t.numel() * t.element_size() for layer in state for t in layer.values())
-            rows.append((mixer, T, 1e3 * float(np.median(times)), nbytes, state_numel(state)))
-            print(f"{mixer:9s} context {T:6d}: {rows[-1][2]:7.2f} ms/token, state {nbytes / 2**20:8.2f} MiB", flush=True)
-            del state, logits
+            ms = 1e3 * np.percentile(times, [10, 50, 90])
+            rows.append((mixer, T, float(ms[1]), nbytes, state_numel(state)))
+            print(f"{mixer:9s} context {T:6d}: {ms[1]:7.2f} ms/token (p10 {ms[0]:.2f}, p90 {ms[2]:.2f}), "
+                  f"state {nbytes / 2**20:8.2f} MiB", flush=True)
+        del runs, state, logits
     return rows
 
 
