@@ -593,6 +593,15 @@ def test_bench_decode_state_sizes(tmp_path):
     assert size["attention", 40] - size["attention", 8] == (40 - 8) * per_token
 
 
+def test_decode_graph_refuses_what_it_cannot_capture():
+    """A CUDA graph needs CUDA tensors and a state of fixed shape (Trellis, not a KV cache)."""
+    for mixer in ("trellis", "attention"):
+        model = tiny_model(0, mixer=mixer).eval()
+        logits, _, state = model(torch.zeros(1, 3, dtype=torch.long))
+        with pytest.raises(ValueError, match="Trellis model and tensors on a CUDA device"):
+            tr.DecodeGraph(model, logits[:, -1:].argmax(-1), state)
+
+
 def test_train_tiny_gpt2_tokenizer_offline(tmp_path):
     """GPT-2 BPE through tiktoken's cached ranks (TIKTOKEN_CACHE_DIR), token ids cached as uint16."""
     import train_tiny

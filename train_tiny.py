@@ -369,37 +369,55 @@ def train(args):
 def bench_decode(args, steps=16, rounds=8):
     """ms per generated token after a synthetic prompt of each context length. The contexts
     are timed in interleaved rounds, so that drift of the machine (clocks, the host's load)
-    does not show up as a trend in context; the median over all rounds is reported."""
+    does not show up as a trend in context; the median over all rounds is reported. On CUDA
+    the Trellis step is also timed as a captured CUDA graph (trellis.DecodeGraph), after
+    checking that it produces the eager step's logits."""
     rows = []
     cuda = args.device.startswith("cuda")
     contexts = [int(c) for c in args.contexts.split(",")]
-    for mixer in ("trellis", "attention"):
-        args.mixer = mixer
+    for mixer in ("trellis", "trellis+graph", "attention") if cuda else ("trellis", "attention"):
+        args.mixer = mixer.split("+")[0]
         torch.manual_seed(args.seed)
         model = TrellisLM(model_config(args, 50304)).to(args.device).eval()
         if cuda:
             model = model.to(torch.bfloat16)
-        runs = {}  # context -> [next token, state, step times]
+        runs = {}  # context -> [step function, next token, state, step times]
         for T in contexts:
             prompt = torch.randint(0, 50304, (1, T), device=args.device)  # synthetic prompt
             logits, _, state = model(prompt)
-            runs[T] = [logits[:, -1:].argmax(-1), state, []]
+            tok = logits[:, -1:].argmax(-1)  # [1,1]
+            if mixer == "trellis+graph":
+                graph, st = tr.DecodeGraph(model, tok, state), state
+                rel = lambda a, b: ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()  # noqa: E731
+                errs = []
+                for _ in range(4):  # the graph against the eager step: same tokens, same start state
+                    logits, _, st = model(tok, state=st)
+                    errs.append(rel(graph.step(tok), logits))
+                    tok = logits[:, -1:].argmax(-1)
+                errs += [rel(graph.state[i][k], st[i][k]) for i in range(len(st)) for k in st[i]]
+                print(f"trellis+graph context {T}: max relative difference to the eager step "
+                      f"{max(errs):.1e} (logits and state, 4 steps)")
+                if not max(errs) <= 1e-2:
+                    fail(f"DecodeGraph disagrees with the eager step at context {T}: {max(errs):.3g}")
+                runs[T] = [lambda tok, state, g=graph: (g.step(tok), None, g.state), tok, graph.state, []]
+            else:
+                runs[T] = [lambda tok, state: model(tok, state=state), tok, state, []]
         for _ in range(rounds):
             for T, run in runs.items():
                 for _ in range(steps):
                     if cuda:
                         torch.cuda.synchronize()
                     t0 = time.perf_counter()
-                    logits, _, run[1] = model(run[0], state=run[1])
-                    run[0] = logits[:, -1:].argmax(-1)
+                    logits, _, run[2] = run[0](run[1], run[2])
+                    run[1] = logits[:, -1:].argmax(-1)
                     if cuda:
                         torch.cuda.synchronize()
-                    run[2].append(time.perf_counter() - t0)
-        for T, (_, state, times) in runs.items():
+                    run[3].append(time.perf_counter() - t0)
+        for T, (_, _, state, times) in runs.items():
             nbytes = sum(t.numel() * t.element_size() for layer in state for t in layer.values())
             ms = 1e3 * np.percentile(times, [10, 50, 90])
             rows.append((mixer, T, float(ms[1]), nbytes, state_numel(state)))
-            print(f"{mixer:9s} context {T:6d}: {ms[1]:7.2f} ms/token (p10 {ms[0]:.2f}, p90 {ms[2]:.2f}), "
+            print(f"{mixer:13s} context {T:6d}: {ms[1]:7.2f} ms/token (p10 {ms[0]:.2f}, p90 {ms[2]:.2f}), "
                   f"state {nbytes / 2**20:8.2f} MiB", flush=True)
         del runs, state, logits
     return rows
