@@ -578,11 +578,13 @@ class TrellisLM(nn.Module):
         return logits, loss, new_state
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, cuda_graph=True):
         """Absorb the prompt idx [B,T] in chunked form, then sample one token at a time from
-        the carried state: constant size for Trellis, a growing KV cache for attention."""
+        the carried state: constant size for Trellis, a growing KV cache for attention.
+        On CUDA the Trellis step is replayed as a CUDA graph (DecodeGraph: the same kernels)."""
         logits, _, state = self(idx)
-        out = [idx]
+        out, graph = [idx], None
+        use_graph = cuda_graph and idx.is_cuda and self.cfg.mixer == "trellis"
         for _ in range(max_new_tokens):
             logits = logits[:, -1, :].float() / max(temperature, 1e-6)  # [B,V]
             if top_k is not None:
@@ -590,7 +592,12 @@ class TrellisLM(nn.Module):
                 logits = logits.masked_fill(logits < kth, -float("inf"))
             nxt = torch.multinomial(F.softmax(logits, dim=-1), 1)  # [B,1]
             out.append(nxt)
-            logits, _, state = self(nxt, state=state)
+            if use_graph and graph is None:
+                graph = DecodeGraph(self, nxt, state)
+            if graph is not None:
+                logits = graph.step(nxt)  # [B,1,V], overwritten by the next replay
+            else:
+                logits, _, state = self(nxt, state=state)
         return torch.cat(out, dim=1)
 
 
