@@ -581,10 +581,11 @@ class TrellisLM(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, cuda_graph=True):
         """Absorb the prompt idx [B,T] in chunked form, then sample one token at a time from
         the carried state: constant size for Trellis, a growing KV cache for attention.
-        On CUDA the Trellis step is replayed as a CUDA graph (DecodeGraph: the same kernels)."""
+        On CUDA the Trellis step of an eval-mode model is replayed as a CUDA graph (DecodeGraph:
+        the same kernels, no dropout)."""
         logits, _, state = self(idx)
         out, graph = [idx], None
-        use_graph = cuda_graph and idx.is_cuda and self.cfg.mixer == "trellis"
+        use_graph = cuda_graph and idx.is_cuda and self.cfg.mixer == "trellis" and not self.training
         for _ in range(max_new_tokens):
             logits = logits[:, -1, :].float() / max(temperature, 1e-6)  # [B,V]
             if top_k is not None:
