@@ -143,6 +143,25 @@ def _load_rows(ptr, t, tm, offs, real, s_t):
 
 
 @triton.jit
+def _chunk_rows(ci, pid, T, H, C: tl.constexpr):
+    """Chunk ci of (batch, head) pid: bi, h, the batch and time strides of a [B,T,H] tensor,
+    the offset gb of (bi, h) in it, the chunk's row offsets, its times and their mask."""
+    bi, h = pid // H, pid % H
+    oc = tl.arange(0, C)
+    t = ci * C + oc
+    return bi, h, T * H, H, bi * T * H + h, oc, t, t < T
+
+
+@triton.jit
+def _load_state(ptr, idx, om, od, M, D):
+    """[BM, BD] tile of stored state number idx (an [M, D] matrix), zero-padded, with its
+    offsets and mask (for storing a gradient of the same shape)."""
+    mask = (om[:, None] < M) & (od[None, :] < D)
+    loc = idx * M * D + om[:, None] * D + od[None, :]
+    return tl.load(ptr + loc, mask=mask, other=0.0), loc, mask
+
+
+@triton.jit
 def _chunk_decays(lb, offs_c, C: tl.constexpr):
     """b (cumulative log beta), Gamma (lower triangle, exp(b_i - b_j)), e^b, b_C, e^{b_C - b}."""
     b = tl.cumsum(lb, 0)
@@ -263,17 +282,11 @@ def _read_fwd_kernel(q, k, v, lb, SK, SV, UK, UV, o, YK, T, H, NC,
     """Grid (NC, B*H): one chunk's reads from its start states and stored codes:
     Yhat = e^b q Kᵀ - ((q kᵀ) ⊙ Γ) Uk,  R = f(Yhat),  O = e^b R V - ((R Uvᵀ) ⊙ Γ) v."""
     ci, pid = tl.program_id(0), tl.program_id(1)
-    bi, h = pid // H, pid % H
-    s_b, s_t = T * H, H
-    gb = bi * s_b + h
-    oc, odk, odv, om = tl.arange(0, C), tl.arange(0, BDK), tl.arange(0, BDV), tl.arange(0, BM)
+    bi, h, s_b, s_t, gb, oc, t, tm = _chunk_rows(ci, pid, T, H, C)
+    odk, odv, om = tl.arange(0, BDK), tl.arange(0, BDV), tl.arange(0, BM)
     mm = (om < M)[None, :]
-    t = ci * C + oc
-    tm = t < T
-    Ks = tl.load(SK + (pid * NC + ci) * M * DK + om[:, None] * DK + odk[None, :],
-                 mask=(om[:, None] < M) & (odk[None, :] < DK), other=0.0)
-    Vs = tl.load(SV + (pid * NC + ci) * M * DV + om[:, None] * DV + odv[None, :],
-                 mask=(om[:, None] < M) & (odv[None, :] < DV), other=0.0)
+    Ks, _, _ = _load_state(SK, pid * NC + ci, om, odk, M, DK)
+    Vs, _, _ = _load_state(SV, pid * NC + ci, om, odv, M, DV)
     row_k, row_v, row_m = bi * s_b * DK + h * DK, bi * s_b * DV + h * DV, bi * s_b * M + h * M
     qq = _load_rows(q + row_k, t, tm, odk, DK, s_t * DK)
     kk = _load_rows(k + row_k, t, tm, odk, DK, s_t * DK)
@@ -303,16 +316,10 @@ def _read_bwd_value_kernel(v, lb, SV, UV, YK, do, dv, dUV, dSV, dYK, dlb, T, H, 
     """Grid (NC, B*H). The value pass's read O = e^b R V - ((R Uvᵀ) ⊙ Γ) v with R = f(Yhat):
     the read parts of dv, dUv, d log beta, dS_read per chunk, and dYhat for the key pass."""
     ci, pid = tl.program_id(0), tl.program_id(1)
-    bi, h = pid // H, pid % H
-    s_b, s_t = T * H, H
-    gb = bi * s_b + h
-    oc, odv, om = tl.arange(0, C), tl.arange(0, BDV), tl.arange(0, BM)
+    bi, h, s_b, s_t, gb, oc, t, tm = _chunk_rows(ci, pid, T, H, C)
+    odv, om = tl.arange(0, BDV), tl.arange(0, BM)
     mm = (om < M)[None, :]
-    t = ci * C + oc
-    tm = t < T
-    vmask = (om[:, None] < M) & (odv[None, :] < DV)
-    loc_v = (pid * NC + ci) * M * DV + om[:, None] * DV + odv[None, :]
-    Vs = tl.load(SV + loc_v, mask=vmask, other=0.0)
+    Vs, loc_v, vmask = _load_state(SV, pid * NC + ci, om, odv, M, DV)
     row_v, row_m = bi * s_b * DV + h * DV, bi * s_b * M + h * M
     vv = _load_rows(v + row_v, t, tm, odv, DV, s_t * DV)
     Uv = _load_rows(UV + row_m, t, tm, om, M, s_t * M)
@@ -342,16 +349,10 @@ def _read_bwd_key_kernel(q, k, lb, SK, UK, dYK, dq, dk, dUK, dSK, dlb, T, H, NC,
     """Grid (NC, B*H). The key pass's read Yhat = e^b q Kᵀ - ((q kᵀ) ⊙ Γ) Uk: dq (final), the
     read parts of dk, dUk, dS_read per chunk, and its share of d log beta (added)."""
     ci, pid = tl.program_id(0), tl.program_id(1)
-    bi, h = pid // H, pid % H
-    s_b, s_t = T * H, H
-    gb = bi * s_b + h
-    oc, odk, om = tl.arange(0, C), tl.arange(0, BDK), tl.arange(0, BM)
+    bi, h, s_b, s_t, gb, oc, t, tm = _chunk_rows(ci, pid, T, H, C)
+    odk, om = tl.arange(0, BDK), tl.arange(0, BM)
     mm = (om < M)[None, :]
-    t = ci * C + oc
-    tm = t < T
-    kmask = (om[:, None] < M) & (odk[None, :] < DK)
-    loc_k = (pid * NC + ci) * M * DK + om[:, None] * DK + odk[None, :]
-    Ks = tl.load(SK + loc_k, mask=kmask, other=0.0)
+    Ks, loc_k, kmask = _load_state(SK, pid * NC + ci, om, odk, M, DK)
     row_k, row_m = bi * s_b * DK + h * DK, bi * s_b * M + h * M
     qq = _load_rows(q + row_k, t, tm, odk, DK, s_t * DK)
     kk = _load_rows(k + row_k, t, tm, odk, DK, s_t * DK)
