@@ -1,21 +1,45 @@
 """Triton kernels for the chunked two-pass Trellis operator, forward and backward.
 
-Same signature and semantics as trellis.trellis_op(..., impl="chunked") with sweeps = 0
-(the paper's chunk-start rule) or sweeps >= C - 1 (the exact per-token recurrence, solved
-row by row inside each chunk); trellis.py dispatches here on CUDA.
+Same arguments and result as trellis.trellis_op(..., impl="chunked") with sweeps = 0 (the
+paper's chunk-start rule) or sweeps >= C - 1 (the exact recurrence, solved row by row inside
+each chunk); trellis_op(impl="kernel" or "auto") calls trellis_op_triton.
 
-The error code makes the state recurrence nonlinear (U = γ code(W Sᵀ, α) needs the state),
-so the only sequential work is that recurrence; every read is computed for all chunks in
-parallel from the stored chunk-start states (TRELLIS.md sections 6-7):
+The error code makes the memory recurrence nonlinear (Ubar = gamma code(W S^T, A) needs the
+memory), so the only sequential work is that recurrence; every read is computed for all
+chunks in parallel from the stored chunk-start memories (trellis.py, sections 3 and 4):
 
-    forward   _state_fwd_kernel   (B·H, 2 passes), chunks in order:   Z = W Sᵀ, U, S <- e^{b_C} S - (U ⊙ dec)ᵀ W
-              _read_fwd_kernel    (chunks, B·H):  Yhat = e^b q Kᵀ - ((q kᵀ) ⊙ Γ) Uk,  R = f(Yhat),
-                                                  O = e^b R V - ((R Uvᵀ) ⊙ Γ) v
-    backward  _read_bwd_value_kernel, _read_bwd_key_kernel (chunks, B·H): the reads' gradients
-              _state_bwd_kernel   (B·H, 2 passes), chunks in reverse carrying dS: through the
-                                  codes (including z = W Sᵀ) and the state updates
+    forward   _state_fwd_kernel   grid (B*H, 2 passes), chunks in order:
+                                  Z = W S^T, U = gamma code(Z, A), S <- e^{b_c} S - (U . to_end)^T W
+              _read_fwd_kernel    grid (chunks, B*H):
+                                  Yhat = e^b q K^T - ((q k^T) . Gam) Uk,  R = f(Yhat),
+                                  O = e^b R V - ((R Uv^T) . Gam) v
+    backward  _read_bwd_value_kernel, _read_bwd_key_kernel   grid (chunks, B*H): the reads' gradients
+              _state_bwd_kernel   grid (B*H, 2 passes), chunks in reverse carrying dS = dLoss/dS:
+                                  through the codes (including z's dependence on S) and the updates
 
-    python kernel.py                  # GPU: check against PyTorch, then the benchmark table
+Legend: kernel names -> trellis.py's symbols (one head, one chunk of C rows)
+  pointers (global tensors)
+    q, k, v, al          q, k, v, alpha             [B, T, H, d_k | d_v | m]
+    LB, GM               log beta, gamma            [B, T, H] float32
+    K0, V0 / KT, VT      initial / final memories   [B, H, m, d] float32
+    SK, SV               each chunk's start memory  [B, H, NC, m, d] (stored by the forward)
+    UK, UV               U = Ubar of each pass      [B, T, H, m]
+    YK                   yhat, the key pass's read  [B, T, H, m]
+    d<name>              the gradient of the loss w.r.t. <name>; dSK, dSV: the reads' share per chunk
+  tiles (registers)
+    W, w                 the pass's write pointer (k or v) and its rows, [C, d]
+    a, g, lb             the chunk's alpha [C, m], gamma [C], log beta [C]
+    S                    the memory: K or V, [m, d]
+    Z, U                 Z = W S^T and Ubar, [C, m]
+    b, eb, b_c           b (cumulative log beta), e^b, b at the chunk's last row
+    Gam, to_end          Gamma [C, C] and e^{b_c - b} [C]
+    b_prev, Gam_prev, L  b_{i-1}, Gamma' and L = (W W^T) . Gamma' of the exact rule
+    Z0                   diag(e^{b_prev}) W S^T, the exact rule's right-hand side
+    qq, kk, vv, R        q, k, v rows and r = f(yhat) rows of the chunk
+    Uk, Uv, Yk           Ubar of the key / value pass and yhat, [C, m]
+    mm, tm               masks: real slots (m may be padded to a power of 2), real times (T % C)
+
+    python kernel.py                  # GPU: check against the PyTorch forms, then the benchmark table
     python kernel.py --device cpu     # CPU: the PyTorch loop vs chunked table
 """
 
@@ -27,8 +51,6 @@ import time
 import torch
 import triton
 import triton.language as tl
-
-import trellis as tr
 
 SUPPORTED_PHI = ("identity", "silu", "norm_silu")
 SUPPORTED_F = ("norm_silu", "l2_silu")
@@ -68,8 +90,8 @@ def _code_fwd(z, a, mm, M: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr):
         s, s1, _ = _silu_parts(z)
         y, sd = _norm_stats(s, mm, M, EPS)
         e = tl.where(mm, y - a, 0.0)
-        g = e - (tl.sum(e, 1) / M)[:, None] - y * (tl.sum(e * y, 1) / M)[:, None]
-        u = s1 * g / sd[:, None]
+        h = e - (tl.sum(e, 1) / M)[:, None] - y * (tl.sum(e * y, 1) / M)[:, None]
+        u = s1 * h / sd[:, None]
     return tl.where(mm, u, 0.0)
 
 
@@ -95,8 +117,8 @@ def _code_bwd(z, a, du, mm, M: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexp
         u = s1 * h
         p = tl.where(mm, du * s1, 0.0)  # d h
         py = (tl.sum(p * y, 1) / M)[:, None]
-        w = tl.where(mm, (1 - ey) * p - py * (y + e), 0.0)
-        jw = (w - (tl.sum(w, 1) / M)[:, None] - y * (tl.sum(w * y, 1) / M)[:, None]) * rsd  # J_y w
+        pw = tl.where(mm, (1 - ey) * p - py * (y + e), 0.0)
+        jw = (pw - (tl.sum(pw, 1) / M)[:, None] - y * (tl.sum(pw * y, 1) / M)[:, None]) * rsd  # J_y pw
         ds = (jw - (tl.sum(p * h, 1) / M)[:, None] * y) * rsd
         dz = du * h * s2 + ds * s1
         da = -(p - (tl.sum(p, 1) / M)[:, None] - y * py) * rsd  # -J_y p
@@ -166,25 +188,25 @@ def _chunk_decays(lb, offs_c, C: tl.constexpr):
     """b (cumulative log beta), Gamma (lower triangle, exp(b_i - b_j)), e^b, b_C, e^{b_C - b}."""
     b = tl.cumsum(lb, 0)
     tri = offs_c[:, None] >= offs_c[None, :]
-    gam = tl.exp(tl.where(tri, b[:, None] - b[None, :], float("-inf")))  # only exponents <= 0
+    Gam = tl.exp(tl.where(tri, b[:, None] - b[None, :], float("-inf")))  # only exponents <= 0
     b_c = tl.sum(tl.where(offs_c == C - 1, b, 0.0), 0)  # padded rows have log beta = 0
-    return b, gam, tl.exp(b), b_c, tl.exp(b_c - b)
+    return b, Gam, tl.exp(b), b_c, tl.exp(b_c - b)
 
 
 # -----------------------------------------------------------------------------
 # exact chunks (sweeps >= C - 1): the per-token recurrence inside a chunk, as the fixed point
 #   Z = diag(e^{b_{i-1}}) W Sᵀ - L Ū,   L = (W Wᵀ) ⊙ Γ',  Γ'_ij = exp(b_{i-1} - b_j) (j < i)
-# (TRELLIS.md section 6). L is strictly lower triangular, so one pass over the rows in order
+# (trellis.py, section 3). L is strictly lower triangular, so one pass over the rows in order
 # solves it; the backward solves the transposed system over the rows in reverse.
 
 
 @triton.jit
-def _exact_lower(w, b, lbv, oc, PREC: tl.constexpr):
+def _exact_lower(w, b, lb, oc, PREC: tl.constexpr):
     """b_{i-1}, Γ' and L = (W Wᵀ) ⊙ Γ' (zero on and above the diagonal)."""
-    bp = b - lbv
+    b_prev = b - lb
     low = oc[:, None] > oc[None, :]
-    gp = tl.exp(tl.where(low, bp[:, None] - b[None, :], float("-inf")))  # only exponents <= 0
-    return bp, gp, tl.dot(w, tl.trans(w), input_precision=PREC) * gp
+    Gam_prev = tl.exp(tl.where(low, b_prev[:, None] - b[None, :], float("-inf")))  # only exponents <= 0
+    return b_prev, Gam_prev, tl.dot(w, tl.trans(w), input_precision=PREC) * Gam_prev
 
 
 @triton.jit
@@ -194,20 +216,20 @@ def _pick(x, sel):
 
 
 @triton.jit
-def _exact_codes_fwd(X, L, a, gg, oc, mm, M: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr,
+def _exact_codes_fwd(Z0, L, a, g, oc, mm, M: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr,
                      C: tl.constexpr, BM: tl.constexpr):
-    """Ū row by row: z_i = X_i - sum_{j<i} L_ij Ū_j, Ū_i = γ_i code(z_i, α_i)."""
+    """Ū row by row: z_i = Z0_i - sum_{j<i} L_ij Ū_j, Ū_i = γ_i code(z_i, α_i)."""
     U = tl.zeros([C, BM], dtype=tl.float32)
     for i in range(0, C):
         sel = (oc == i)[:, None]
-        z = _pick(X, sel) - tl.sum(_pick(L, sel)[:, None] * U, 0)  # row i of L: L_ij over j
+        z = _pick(Z0, sel) - tl.sum(_pick(L, sel)[:, None] * U, 0)  # row i of L: L_ij over j
         u = _code_fwd(z[None, :], _pick(a, sel)[None, :], mm, M, PHI, EPS)
-        U = tl.where(sel, _pick(gg, oc == i) * u, U)
+        U = tl.where(sel, _pick(g, oc == i) * u, U)
     return U
 
 
 @triton.jit
-def _exact_codes_bwd(Z, L, a, gg, dU, oc, mm, M: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr,
+def _exact_codes_bwd(Z, L, a, g, dU, oc, mm, M: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr,
                      C: tl.constexpr, BM: tl.constexpr):
     """Reverse of _exact_codes_fwd. dU: dL/dŪ from everything but Z (reads, chunk end).
     Rows in reverse: dŪ_i is complete once every later row has passed its -L_ki dz_k on.
@@ -219,7 +241,7 @@ def _exact_codes_bwd(Z, L, a, gg, dU, oc, mm, M: tl.constexpr, PHI: tl.constexpr
         i = C - 1 - ii
         sel = (oc == i)[:, None]
         dui = _pick(dU, sel)[None, :]
-        u, dz, da = _code_bwd(_pick(Z, sel)[None, :], _pick(a, sel)[None, :], _pick(gg, oc == i) * dui,
+        u, dz, da = _code_bwd(_pick(Z, sel)[None, :], _pick(a, sel)[None, :], _pick(g, oc == i) * dui,
                               mm, M, PHI, EPS)
         dZ = tl.where(sel, dz, dZ)
         dA = tl.where(sel, da, dA)
@@ -233,12 +255,12 @@ def _exact_codes_bwd(Z, L, a, gg, dU, oc, mm, M: tl.constexpr, PHI: tl.constexpr
 
 
 @triton.jit
-def _state_fwd_kernel(k, v, al, lb, gm, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC,
+def _state_fwd_kernel(k, v, al, LB, GM, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC,
                       DK: tl.constexpr, DV: tl.constexpr, M: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
                       C: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
                       EXACT: tl.constexpr):
     """Grid (B*H, 2 passes). Per chunk: Z = W Sᵀ (EXACT: the per-token z, _exact_codes_fwd),
-    U = γ code(Z, α), S <- e^{b_C} S - (U ⊙ dec)ᵀ W.
+    U = γ code(Z, α), S <- e^{b_C} S - (U ⊙ to_end)ᵀ W.
     Stores each chunk's start state [B,H,NC,m,d] and U [B,T,H,m] for the parallel kernels."""
     pid = tl.program_id(0)
     if tl.program_id(1) == 0:  # key pass: write vectors k, memory K
@@ -260,22 +282,22 @@ def _state_fwd_kernel(k, v, al, lb, gm, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC
         tm = t < T
         w = _load_rows(W + row_w, t, tm, od, D, s_t * D)
         a = _load_rows(al + row_m, t, tm, om, M, s_t * M)
-        gg = tl.load(gm + gb + t * s_t, mask=tm, other=0.0)
-        lbv = tl.load(lb + gb + t * s_t, mask=tm, other=0.0)
-        b, gam, eb, b_c, dec = _chunk_decays(lbv, oc, C)
-        WS = tl.dot(w, tl.trans(S), input_precision=PREC)  # W Sᵀ
+        g = tl.load(GM + gb + t * s_t, mask=tm, other=0.0)
+        lb = tl.load(LB + gb + t * s_t, mask=tm, other=0.0)
+        b, Gam, eb, b_c, to_end = _chunk_decays(lb, oc, C)
+        Z = tl.dot(w, tl.trans(S), input_precision=PREC)  # W Sᵀ
         if EXACT:
-            bp, _, L = _exact_lower(w, b, lbv, oc, PREC)
-            U = _exact_codes_fwd(tl.exp(bp)[:, None] * WS, L, a, gg, oc, mm, M, PHI, EPS, C, BM)
+            b_prev, _, L = _exact_lower(w, b, lb, oc, PREC)
+            U = _exact_codes_fwd(tl.exp(b_prev)[:, None] * Z, L, a, g, oc, mm, M, PHI, EPS, C, BM)
         else:
-            U = gg[:, None] * _code_fwd(WS, a, mm, M, PHI, EPS)
+            U = g[:, None] * _code_fwd(Z, a, mm, M, PHI, EPS)
         tl.store(UU + row_m + t[:, None] * s_t * M + om[None, :], U, mask=tm[:, None] & mm)
-        S = tl.exp(b_c) * S - tl.dot(tl.trans(U * dec[:, None]), w, input_precision=PREC)
+        S = tl.exp(b_c) * S - tl.dot(tl.trans(U * to_end[:, None]), w, input_precision=PREC)
     tl.store(ST + pid * M * D + loc, S, mask=smask)
 
 
 @triton.jit
-def _read_fwd_kernel(q, k, v, lb, SK, SV, UK, UV, o, YK, T, H, NC,
+def _read_fwd_kernel(q, k, v, LB, SK, SV, UK, UV, o, YK, T, H, NC,
                      DK: tl.constexpr, DV: tl.constexpr, M: tl.constexpr,
                      BDK: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, C: tl.constexpr,
                      F: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
@@ -293,12 +315,12 @@ def _read_fwd_kernel(q, k, v, lb, SK, SV, UK, UV, o, YK, T, H, NC,
     vv = _load_rows(v + row_v, t, tm, odv, DV, s_t * DV)
     Uk = _load_rows(UK + row_m, t, tm, om, M, s_t * M)
     Uv = _load_rows(UV + row_m, t, tm, om, M, s_t * M)
-    b, gam, eb, b_c, dec = _chunk_decays(tl.load(lb + gb + t * s_t, mask=tm, other=0.0), oc, C)
-    Pk = tl.dot(qq, tl.trans(kk), input_precision=PREC) * gam
+    b, Gam, eb, b_c, to_end = _chunk_decays(tl.load(LB + gb + t * s_t, mask=tm, other=0.0), oc, C)
+    Pk = tl.dot(qq, tl.trans(kk), input_precision=PREC) * Gam
     Yk = eb[:, None] * tl.dot(qq, tl.trans(Ks), input_precision=PREC) - tl.dot(Pk, Uk, input_precision=PREC)
     tl.store(YK + row_m + t[:, None] * s_t * M + om[None, :], Yk, mask=tm[:, None] & mm)  # for the backward
     R = _f_fwd(Yk, mm, M, F, EPS)
-    Pv = tl.dot(R, tl.trans(Uv), input_precision=PREC) * gam
+    Pv = tl.dot(R, tl.trans(Uv), input_precision=PREC) * Gam
     O = eb[:, None] * tl.dot(R, Vs, input_precision=PREC) - tl.dot(Pv, vv, input_precision=PREC)
     tl.store(o + row_v + t[:, None] * s_t * DV + odv[None, :], O.to(o.dtype.element_ty),
              mask=tm[:, None] & (odv[None, :] < DV))
@@ -310,7 +332,7 @@ def _read_fwd_kernel(q, k, v, lb, SK, SV, UK, UV, o, YK, T, H, NC,
 
 
 @triton.jit
-def _read_bwd_value_kernel(v, lb, SV, UV, YK, do, dv, dUV, dSV, dYK, dlb, T, H, NC,
+def _read_bwd_value_kernel(v, LB, SV, UV, YK, do, dv, dUV, dSV, dYK, dlb, T, H, NC,
                            DV: tl.constexpr, M: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr,
                            C: tl.constexpr, F: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
     """Grid (NC, B*H). The value pass's read O = e^b R V - ((R Uvᵀ) ⊙ Γ) v with R = f(Yhat):
@@ -325,10 +347,10 @@ def _read_bwd_value_kernel(v, lb, SV, UV, YK, do, dv, dUV, dSV, dYK, dlb, T, H, 
     Uv = _load_rows(UV + row_m, t, tm, om, M, s_t * M)
     Yk = _load_rows(YK + row_m, t, tm, om, M, s_t * M)
     dO = _load_rows(do + row_v, t, tm, odv, DV, s_t * DV)
-    b, gam, eb, b_c, dec = _chunk_decays(tl.load(lb + gb + t * s_t, mask=tm, other=0.0), oc, C)
+    b, Gam, eb, b_c, to_end = _chunk_decays(tl.load(LB + gb + t * s_t, mask=tm, other=0.0), oc, C)
     R = _f_fwd(Yk, mm, M, F, EPS)
     Pv = tl.dot(R, tl.trans(Uv), input_precision=PREC)
-    dPv = -tl.dot(dO, tl.trans(vv), input_precision=PREC) * gam  # dL/d(R Uvᵀ)
+    dPv = -tl.dot(dO, tl.trans(vv), input_precision=PREC) * Gam  # dL/d(R Uvᵀ)
     dR = eb[:, None] * tl.dot(dO, tl.trans(Vs), input_precision=PREC) + tl.dot(dPv, Uv, input_precision=PREC)
     G = dPv * Pv  # dΓ ⊙ Γ
     db = tl.sum(dO * tl.dot(R, Vs, input_precision=PREC), 1) * eb + tl.sum(G, 1) - tl.sum(G, 0)
@@ -337,13 +359,13 @@ def _read_bwd_value_kernel(v, lb, SV, UV, YK, do, dv, dUV, dSV, dYK, dlb, T, H, 
     tl.store(dYK + rows_m, _f_bwd(Yk, dR, mm, M, F, EPS), mask=mrow)
     tl.store(dUV + rows_m, tl.dot(tl.trans(dPv), R, input_precision=PREC), mask=mrow)
     tl.store(dv + row_v + t[:, None] * s_t * DV + odv[None, :],
-             -tl.dot(tl.trans(Pv * gam), dO, input_precision=PREC), mask=tm[:, None] & (odv[None, :] < DV))
+             -tl.dot(tl.trans(Pv * Gam), dO, input_precision=PREC), mask=tm[:, None] & (odv[None, :] < DV))
     tl.store(dSV + loc_v, tl.dot(tl.trans(R * eb[:, None]), dO, input_precision=PREC), mask=vmask)
     tl.store(dlb + gb + t * s_t, tl.sum(db, 0) - tl.cumsum(db, 0) + db, mask=tm)  # d log beta_j = sum_{i>=j} db_i
 
 
 @triton.jit
-def _read_bwd_key_kernel(q, k, lb, SK, UK, dYK, dq, dk, dUK, dSK, dlb, T, H, NC,
+def _read_bwd_key_kernel(q, k, LB, SK, UK, dYK, dq, dk, dUK, dSK, dlb, T, H, NC,
                          DK: tl.constexpr, M: tl.constexpr, BDK: tl.constexpr, BM: tl.constexpr,
                          C: tl.constexpr, PREC: tl.constexpr):
     """Grid (NC, B*H). The key pass's read Yhat = e^b q Kᵀ - ((q kᵀ) ⊙ Γ) Uk: dq (final), the
@@ -358,9 +380,9 @@ def _read_bwd_key_kernel(q, k, lb, SK, UK, dYK, dq, dk, dUK, dSK, dlb, T, H, NC,
     kk = _load_rows(k + row_k, t, tm, odk, DK, s_t * DK)
     Uk = _load_rows(UK + row_m, t, tm, om, M, s_t * M)
     dYk = _load_rows(dYK + row_m, t, tm, om, M, s_t * M)
-    b, gam, eb, b_c, dec = _chunk_decays(tl.load(lb + gb + t * s_t, mask=tm, other=0.0), oc, C)
+    b, Gam, eb, b_c, to_end = _chunk_decays(tl.load(LB + gb + t * s_t, mask=tm, other=0.0), oc, C)
     Pk = tl.dot(qq, tl.trans(kk), input_precision=PREC)
-    dPk = -tl.dot(dYk, tl.trans(Uk), input_precision=PREC) * gam  # dL/d(q kᵀ)
+    dPk = -tl.dot(dYk, tl.trans(Uk), input_precision=PREC) * Gam  # dL/d(q kᵀ)
     G = dPk * Pk
     db = tl.sum(dYk * tl.dot(qq, tl.trans(Ks), input_precision=PREC), 1) * eb + tl.sum(G, 1) - tl.sum(G, 0)
     dqq = eb[:, None] * tl.dot(dYk, Ks, input_precision=PREC) + tl.dot(dPk, kk, input_precision=PREC)
@@ -368,20 +390,20 @@ def _read_bwd_key_kernel(q, k, lb, SK, UK, dYK, dq, dk, dUK, dSK, dlb, T, H, NC,
     tl.store(dk + row_k + t[:, None] * s_t * DK + odk[None, :], tl.dot(tl.trans(dPk), qq, input_precision=PREC),
              mask=tm[:, None] & (odk[None, :] < DK))
     tl.store(dUK + row_m + t[:, None] * s_t * M + om[None, :],
-             -tl.dot(tl.trans(Pk * gam), dYk, input_precision=PREC), mask=tm[:, None] & mm)
+             -tl.dot(tl.trans(Pk * Gam), dYk, input_precision=PREC), mask=tm[:, None] & mm)
     tl.store(dSK + loc_k, tl.dot(tl.trans(dYk * eb[:, None]), qq, input_precision=PREC), mask=kmask)
     dlbb = tl.sum(db, 0) - tl.cumsum(db, 0) + db
     tl.store(dlb + gb + t * s_t, tl.load(dlb + gb + t * s_t, mask=tm, other=0.0) + dlbb, mask=tm)
 
 
 @triton.jit
-def _state_bwd_kernel(k, v, al, lb, gm, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT, dVT, dk, dv, dalK, dalV,
+def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT, dVT, dk, dv, dalK, dalV,
                       dlbK, dlbV, dgmK, dgmV, dK0, dV0, T, H, NC,
                       DK: tl.constexpr, DV: tl.constexpr, M: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
                       C: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
                       EXACT: tl.constexpr):
     """Grid (B*H, 2 passes), chunks in reverse carrying dS = dL/d(state at the chunk's end):
-    dU = dU_read - dec ⊙ (W dSᵀ);  (dZ, dα) through the code;  dW += -(U ⊙ dec) dS + dZ S;
+    dU = dU_read - to_end ⊙ (W dSᵀ);  (dZ, dα) through the code;  dW += -(U ⊙ to_end) dS + dZ S;
     dS <- e^{b_C} dS + dS_read + dZᵀ W.  EXACT: Z = diag(e^{b_{i-1}}) W Sᵀ - L U, so dZ comes
     from _exact_codes_bwd and also reaches W and log beta through L."""
     pid = tl.program_id(0)
@@ -405,43 +427,43 @@ def _state_bwd_kernel(k, v, al, lb, gm, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT,
         S = tl.load(SS + (pid * NC + ci) * M * D + loc, mask=smask, other=0.0)
         w = _load_rows(W + row_w, t, tm, od, D, s_t * D)
         a = _load_rows(al + row_m, t, tm, om, M, s_t * M)
-        gg = tl.load(gm + gb + t * s_t, mask=tm, other=0.0)
-        lbv = tl.load(lb + gb + t * s_t, mask=tm, other=0.0)
-        b, gam, eb, b_c, dec = _chunk_decays(lbv, oc, C)
-        WS = tl.dot(w, tl.trans(S), input_precision=PREC)  # W Sᵀ
+        g = tl.load(GM + gb + t * s_t, mask=tm, other=0.0)
+        lb = tl.load(LB + gb + t * s_t, mask=tm, other=0.0)
+        b, Gam, eb, b_c, to_end = _chunk_decays(lb, oc, C)
+        Z = tl.dot(w, tl.trans(S), input_precision=PREC)  # W Sᵀ
         wdS = tl.dot(w, tl.trans(dS), input_precision=PREC)  # W dSᵀ
         rows_m = row_m + t[:, None] * s_t * M + om[None, :]
-        dU = tl.load(dUU + rows_m, mask=tm[:, None] & mm, other=0.0) - dec[:, None] * wdS
+        dU = tl.load(dUU + rows_m, mask=tm[:, None] & mm, other=0.0) - to_end[:, None] * wdS
         rows_w = row_w + t[:, None] * s_t * D + od[None, :]
         wmask = tm[:, None] & (od[None, :] < D)
         dWc = tl.load(dW + rows_w, mask=wmask, other=0.0)
         if EXACT:
             U = _load_rows(UU + row_m, t, tm, om, M, s_t * M)  # the forward's exact codes
-            bp, gp, L = _exact_lower(w, b, lbv, oc, PREC)
-            ebp = tl.exp(bp)
-            dZ, da, dgv = _exact_codes_bwd(ebp[:, None] * WS - tl.dot(L, U, input_precision=PREC), L, a, gg, dU,
+            b_prev, Gam_prev, L = _exact_lower(w, b, lb, oc, PREC)
+            eb_prev = tl.exp(b_prev)
+            dZ, da, dgv = _exact_codes_bwd(eb_prev[:, None] * Z - tl.dot(L, U, input_precision=PREC), L, a, g, dU,
                                            oc, mm, M, PHI, EPS, C, BM)
             dL = tl.where(oc[:, None] > oc[None, :], -tl.dot(dZ, tl.trans(U), input_precision=PREC), 0.0)
-            dWW = dL * gp
+            dWW = dL * Gam_prev
             dWc += tl.dot(dWW + tl.trans(dWW), w, input_precision=PREC)  # through L = (W Wᵀ) ⊙ Γ'
             G = dL * L  # dΓ' ⊙ Γ'
-            gbp = tl.sum(dZ * WS, 1) * ebp + tl.sum(G, 1)  # dL/d b_{i-1}
-            dZ = dZ * ebp[:, None]  # from here on, the gradient w.r.t. W Sᵀ
-            db_extra = gbp - tl.sum(G, 0)
+            db_prev = tl.sum(dZ * Z, 1) * eb_prev + tl.sum(G, 1)  # dL/d b_{i-1}
+            dZ = dZ * eb_prev[:, None]  # from here on, the gradient w.r.t. W Sᵀ
+            db_extra = db_prev - tl.sum(G, 0)
         else:
-            u, dZ, da = _code_bwd(WS, a, gg[:, None] * dU, mm, M, PHI, EPS)
-            U = gg[:, None] * u
+            u, dZ, da = _code_bwd(Z, a, g[:, None] * dU, mm, M, PHI, EPS)
+            U = g[:, None] * u
             dgv = tl.sum(dU * u, 1)
-            gbp = tl.zeros([C], dtype=tl.float32)
-            db_extra = gbp
-        dWc += tl.dot(dZ, S, input_precision=PREC) - tl.dot(U * dec[:, None], dS, input_precision=PREC)
+            db_prev = tl.zeros([C], dtype=tl.float32)
+            db_extra = db_prev
+        dWc += tl.dot(dZ, S, input_precision=PREC) - tl.dot(U * to_end[:, None], dS, input_precision=PREC)
         tl.store(dW + rows_w, dWc, mask=wmask)
         tl.store(dal + rows_m, da, mask=tm[:, None] & mm)
         tl.store(dgm + gb + t * s_t, dgv, mask=tm)
-        gd = -tl.sum(U * wdS, 1) * dec  # through dec = e^{b_C - b}
+        gd = -tl.sum(U * wdS, 1) * to_end  # through to_end = e^{b_C - b}
         db = tl.where(oc == C - 1, tl.sum(tl.sum(dS * S, 1), 0) * tl.exp(b_c) + tl.sum(gd, 0), 0.0) - gd + db_extra
         # d log beta_j = sum_{i>=j} db_i, less the b_{i-1} = b_i - log beta_i share
-        tl.store(dlb + gb + t * s_t, tl.sum(db, 0) - tl.cumsum(db, 0) + db - gbp, mask=tm)
+        tl.store(dlb + gb + t * s_t, tl.sum(db, 0) - tl.cumsum(db, 0) + db - db_prev, mask=tm)
         dS = tl.exp(b_c) * dS + tl.load(dSR + (pid * NC + ci) * M * D + loc, mask=smask, other=0.0) \
             + tl.dot(tl.trans(dZ), w, input_precision=PREC)
     tl.store(dS0 + pid * M * D + loc, dS, mask=smask)
@@ -460,7 +482,7 @@ class TrellisChunkFn(torch.autograd.Function):
     log_beta, gamma [B,T,H] fp32, K0, V0 [B,H,m,d] fp32."""
 
     @staticmethod
-    def forward(ctx, q, k, v, alpha, log_beta, gamma, K0, V0, phi, f, C, exact, prec, num_warps):
+    def forward(ctx, q, k, v, alpha, log_beta, gamma, K0, V0, phi, f, phi_eps, f_eps, C, exact, prec, num_warps):
         B, T, H, DK = q.shape
         DV, M = v.shape[-1], alpha.shape[-1]
         NC = triton.cdiv(T, C)
@@ -473,9 +495,9 @@ class TrellisChunkFn(torch.autograd.Function):
         # (warps, pipeline stages): the sequential kernels prefetch the next chunk; the parallel
         # ones have no loop to pipeline (NOTES.md has the shared-memory and spill figures)
         # the sequential kernels evaluate phi's code, the parallel ones f: each has its own eps
-        seq = dict(dims, BD=max(_block(DK), _block(DV)), PHI=_PHI_ID[phi], EPS=tr.PHI_EPS, EXACT=exact,
+        seq = dict(dims, BD=max(_block(DK), _block(DV)), PHI=_PHI_ID[phi], EPS=phi_eps, EXACT=exact,
                    num_warps=num_warps[0], num_stages=2)
-        par = dict(dims, BDK=_block(DK), BDV=_block(DV), F=_F_ID[f], EPS=tr.NORM_EPS, num_warps=num_warps[1],
+        par = dict(dims, BDK=_block(DK), BDV=_block(DV), F=_F_ID[f], EPS=f_eps, num_warps=num_warps[1],
                    num_stages=1)
         _state_fwd_kernel[(B * H, 2)](k, v, alpha, log_beta, gamma, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC, **seq)
         YK = torch.empty(alpha.shape, **f32)  # the key pass's read yhat, kept for the backward
@@ -512,7 +534,7 @@ class TrellisChunkFn(torch.autograd.Function):
                                       dk, dv,
                                       dalK, dalV, dlbK, dlbV, dgmK, dgmV, dK0, dV0, T, H, NC, **ctx.seq)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), (dalK + dalV).to(alpha.dtype),
-                dlb_read + dlbK + dlbV, dgmK + dgmV, dK0, dV0, None, None, None, None, None, None)
+                dlb_read + dlbK + dlbV, dgmK + dgmV, dK0, dV0, None, None, None, None, None, None, None, None)
 
 
 def unsupported(q, v, alpha, phi, f, chunk_size, sweeps):
@@ -536,12 +558,12 @@ def unsupported(q, v, alpha, phi, f, chunk_size, sweeps):
     return None
 
 
-def trellis_op_triton(q, k, v, alpha, beta, gamma, K0=None, V0=None, *, phi="norm_silu", f="norm_silu",
-                      chunk_size=64, sweeps=0, precision="tf32", num_warps=(4, 4)):
+def trellis_op_triton(q, k, v, alpha, beta, gamma, K0=None, V0=None, *, phi, f, phi_eps, f_eps, chunk_size=64,
+                      sweeps=0, precision="tf32", num_warps=(4, 4)):
     """The Triton form of trellis.trellis_op: the chunk-start rule (sweeps = 0) or the exact
-    recurrence (sweeps >= C - 1). Inputs as there; validate with trellis._check_operator_args
-    first (trellis_op does). precision: "tf32" or "ieee" for the fp32 dots; num_warps:
-    (sequential kernels, parallel kernels)."""
+    recurrence (sweeps >= C - 1). Inputs as there (trellis_op checks them before it calls
+    this); phi_eps and f_eps are the LayerNorm epsilons of phi and f. precision: "tf32" or
+    "ieee" for the fp32 dots; num_warps: (sequential kernels, parallel kernels)."""
     why = unsupported(q, v, alpha, phi, f, chunk_size, sweeps)
     if why:
         raise ValueError("kernel: " + why)
@@ -554,8 +576,8 @@ def trellis_op_triton(q, k, v, alpha, beta, gamma, K0=None, V0=None, *, phi="nor
     K0 = q.new_zeros(B, H, m, dk, dtype=torch.float32) if K0 is None else K0.float().contiguous()
     V0 = q.new_zeros(B, H, m, dv, dtype=torch.float32) if V0 is None else V0.float().contiguous()
     exact = sweeps >= chunk_size - 1 > 0  # the per-token recurrence inside each chunk
-    o, KT, VT = TrellisChunkFn.apply(q, k, v, alpha, log_beta, gamma, K0, V0, phi, f, chunk_size, exact,
-                                     precision, num_warps)
+    o, KT, VT = TrellisChunkFn.apply(q, k, v, alpha, log_beta, gamma, K0, V0, phi, f, phi_eps, f_eps, chunk_size,
+                                     exact, precision, num_warps)
     return o.to(v.dtype), KT, VT
 
 
@@ -574,6 +596,14 @@ def _inputs(B, T, H, dk, dv, m, dtype, device, seed=0):
     return [t.to(device, dtype if i < 4 else torch.float32) for i, t in enumerate(ins)]
 
 
+def _model_eps():
+    """The model's default LayerNorm epsilons (TrellisConfig), for the check and the benchmark."""
+    import trellis
+
+    cfg = trellis.TrellisConfig()
+    return dict(phi_eps=cfg.phi_eps, f_eps=cfg.f_eps)
+
+
 def _fwd_bwd(fn, ins, seed=1):
     """(o, K, V) and the gradients of a random linear function of them w.r.t. every input."""
     ins = [t.detach().clone().requires_grad_(True) for t in ins]
@@ -587,6 +617,9 @@ def _fwd_bwd(fn, ins, seed=1):
 def check(device="cuda"):
     """Max relative error (max |x - ref| / max |ref|) per tensor, kernel vs the float64
     PyTorch chunked form on the same inputs."""
+    import trellis as tr
+
+    eps = _model_eps()
     names = ["o", "K", "V", "dq", "dk", "dv", "dalpha", "dbeta", "dgamma", "dK0", "dV0"]
     cases = [  # (label, dtype, precision, shape B, T, H, dk, dv, m, C, phi, f, exact)
         ("fp32 tf32", torch.float32, "tf32", (2, 300, 4, 64, 64, 64, 64, "norm_silu", "norm_silu", False)),
@@ -604,9 +637,10 @@ def check(device="cuda"):
     for label, dtype, prec, (B, T, H, dk, dv, m, C, phi, f, exact) in cases:
         ins = _inputs(B, T, H, dk, dv, m, dtype, device)
         sw = C - 1 if exact else 0  # the reference for exact: C - 1 sweeps (= the per-token loop, tested)
-        ref = _fwd_bwd(lambda *a: tr.trellis_op(*a, phi=phi, f=f, chunk_size=C, sweeps=sw, impl="chunked"),
+        ref = _fwd_bwd(lambda *a: tr.trellis_op(*a, phi=phi, f=f, chunk_size=C, sweeps=sw, impl="chunked", **eps),
                        [t.double() for t in ins])
-        got = _fwd_bwd(lambda *a: trellis_op_triton(*a, phi=phi, f=f, chunk_size=C, sweeps=sw, precision=prec), ins)
+        got = _fwd_bwd(lambda *a: trellis_op_triton(*a, phi=phi, f=f, chunk_size=C, sweeps=sw, precision=prec, **eps),
+                       ins)
         errs = [((x.double() - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() for x, r in zip(got, ref)]
         ok = all(math.isfinite(e) for e in errs)
         worst[label] = max(errs) if ok else float("nan")
@@ -651,17 +685,22 @@ def bench(device="cuda", Ts=(1024, 4096, 16384), pytorch_Ts=(1024, 4096, 16384),
     """fwd and fwd+bwd ms (median), tokens/s (fwd+bwd) and peak memory, bf16 inputs."""
     import torch.nn.functional as F
 
+    import trellis as tr
+
+    eps = dict(_model_eps(), phi="norm_silu", f="norm_silu")
+
     rows = []
     for T in Ts:
         B = tokens // T
         ins = _inputs(B, T, H, d, d, m, torch.bfloat16, device)
         leaves = [t.requires_grad_(True) for t in ins]
-        impls = {name: (lambda w, sw: lambda *a: trellis_op_triton(*a, chunk_size=C, sweeps=sw, num_warps=w))(w, sw)
+        impls = {name: (lambda w, sw: lambda *a: trellis_op_triton(*a, chunk_size=C, sweeps=sw, num_warps=w,
+                                                                  **eps))(w, sw)
                  for name, (w, sw) in KERNEL_VARIANTS.items()}
         if T in pytorch_Ts:
-            impls["pytorch chunked"] = lambda *a: tr.trellis_op(*a, chunk_size=C, impl="chunked")
+            impls["pytorch chunked"] = lambda *a: tr.trellis_op(*a, chunk_size=C, impl="chunked", **eps)
             if T == 1024:
-                impls["per-token loop"] = lambda *a: tr.trellis_op(*a, chunk_size=1, impl="loop")
+                impls["per-token loop"] = lambda *a: tr.trellis_op(*a, chunk_size=1, impl="loop", **eps)
         qs, ks, vs = (torch.randn(B, H, T, d, device=device, dtype=torch.bfloat16, requires_grad=True)
                       for _ in range(3))
         for name, fn in list(impls.items()) + [("sdpa causal", None)]:
@@ -692,13 +731,14 @@ def profile(device="cuda", T=16384, tokens=32768, H=8, d=64, m=64, C=64):
              "_state_bwd_kernel"]
     from torch.profiler import ProfilerActivity, profile as tprofile
 
+    eps = dict(_model_eps(), phi="norm_silu", f="norm_silu")
     for _ in range(2):
-        o = trellis_op_triton(*ins, chunk_size=C)[0]
+        o = trellis_op_triton(*ins, chunk_size=C, **eps)[0]
         torch.autograd.grad(o, ins, o)
     torch.cuda.synchronize()
     with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
-            o = trellis_op_triton(*ins, chunk_size=C)[0]
+            o = trellis_op_triton(*ins, chunk_size=C, **eps)[0]
             torch.autograd.grad(o, ins, o)
         torch.cuda.synchronize()
     totals = {}
@@ -712,6 +752,8 @@ def profile(device="cuda", T=16384, tokens=32768, H=8, d=64, m=64, C=64):
 
 def cpu_table(B=1, T=2048, H=4, d=64, m=64, C=64):
     """The PyTorch forms on the CPU (float32): per-token loop vs chunked, fwd and fwd+bwd."""
+    import trellis as tr
+
     ins = _inputs(B, T, H, d, d, m, torch.float32, "cpu")[:6]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B={B} T={T} H={H} d={d} m={m}")
     for name, kw in [("loop, exact (C=1)", dict(impl="loop", chunk_size=1)),

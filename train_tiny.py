@@ -201,15 +201,10 @@ def lr_at(it, args):
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def model_constants():
-    """Module constants of trellis.py that the model's function depends on but TrellisConfig does not hold."""
-    return dict(PHI_EPS=tr.PHI_EPS, NORM_EPS=tr.NORM_EPS)
-
-
 def save_checkpoint(path, model, opt, cfg, args, it, best_val):
     """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
     ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), config=asdict(cfg), args=vars(args),
-                constants=model_constants(), iter_num=it, best_val_loss=best_val)
+                iter_num=it, best_val_loss=best_val)
     torch.save(ckpt, path + ".tmp")
     os.replace(path + ".tmp", path)
 
@@ -250,9 +245,6 @@ def train(args):
             fail(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = torch.load(ckpt_path, map_location=args.device, weights_only=False)
         cfg = TrellisConfig(**ckpt["config"])  # the checkpoint's model, whatever the flags say
-        if ckpt.get("constants", model_constants()) != model_constants():
-            fail(f"--resume: {ckpt_path} was trained with trellis.py constants {ckpt['constants']}, but this "
-                 f"trellis.py has {model_constants()}: set them back, or start a new --out-dir")
         it, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
     model = TrellisLM(cfg).to(args.device)
     opt = make_optimizer(model, args)

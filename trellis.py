@@ -1,29 +1,47 @@
-"""Trellis: key-value memory compressed into m slots by online gradient descent.
+"""Trellis: a Transformer whose KV cache is m memory slots written by online gradient descent.
 
 Karami, Behrouz, Kacham, Mirrokni, "Trellis: Learning to Compress Key-Value Memory in
-Attention Models", COLM 2025 (arXiv 2512.23852). The equations are reconstructed in
-../shared/TRELLIS.md; NOTES.md maps each one to the code below.
+Attention Models", COLM 2025, arXiv 2512.23852. This file derives the model and builds it in
+the paper's order; NOTES.md maps each step to the paper and records the choices the paper
+leaves open.
 
-Read top to bottom, in the paper's order:
-  1. phi and its error codes u = J_phi(z)^T (phi(z) - a)      (TRELLIS.md section 3)
-  2. one memory pass, per-token loop                          (sections 3-4)
-  3. one memory pass, chunked-parallel form with refinement   (section 6)
-  4. the two-pass Trellis operator                            (section 4)
-  5. the layer and the language model, generation             (section 8)
+  1. one memory, one token: the online-regression step and phi's error codes
+  2. the two passes, as a per-token loop (the definition)
+  3. the chunked-parallel form of one pass, and its exact refinement
+  4. the two-pass operator, trellis_op (one place that picks the implementation)
+  5. the layer and the language model
+  6. generation with a constant-size state
+  7. argument checks
 
-Glossary (code symbol -> paper symbol):
-  W, w      write vectors w_t (k_t in the key pass, v_t in the value pass)
-  A, a      slot codes alpha_t (the regression target), m per token
-  S         a memory M (m x d): K (key memory) or V (value memory)
-  z         M_{t-1} w_t, the memory's prediction of a_t
-  u         error code J_phi(z)^T (phi(z) - a);  Ubar = diag(gamma) u
-  beta      forget gate beta_t in (0, 1);  b = cumulative log beta inside a chunk
-  gamma     inner step size gamma_t
-  X         what a pass reads with: q_t (key pass, read M q) or r_t (value pass, M^T r)
+Glossary (code symbol: paper symbol, shape for one batch element and one head)
+  m           number of memory slots (64 by default)
+  S           a memory M_t, [m, d]: K (key memory, d = d_k) or V (value memory, d = d_v)
+  W, w        write vectors w_t, [T, d]: k_t in the key pass, v_t in the value pass
+  A, a        slot codes alpha_t, [T, m]: the regression target, alpha_t = W_alpha x_t
+  phi         the nonlinearity inside the regression loss ("write" nonlinearity)
+  f           the map between the passes, r_t = f(yhat_t)
+  z, Z        the memory's prediction z_t = M w_t, [m] per token, [C, m] per chunk (Z = W S^T)
+  u           error code u_t = J_phi(z_t)^T (phi(z_t) - a_t), [m]
+  U           Ubar = diag(gamma) u per chunk, [C, m]
+  beta        forget gate beta_t in (0, 1];  lb = log beta
+  gamma       inner step size gamma_t > 0
+  lam         the L2 weight lambda_t, implied by beta_t = 1 - gamma_t lambda_t, never computed
+  q, yhat     query q_t [d_k] and the key pass's read yhat_t = K_t q_t [m]
+  r, o        r_t = f(yhat_t) [m] and the value pass's read o_t = V_t^T r_t [d_v]
+  X           what a pass reads with: q_t (key pass) or r_t (value pass)
+  C, c        chunk size, and the length of one (possibly partial) chunk
+  b           b_i = sum_{j<=i} log beta_j inside a chunk;  b_prev = b_{i-1}, b_0 = 0
+  Gam         Gamma_ij = exp(b_i - b_j) for j <= i, else 0           [C, C]
+  Gam_prev    Gamma'_ij = exp(b_{i-1} - b_j) for j < i, else 0        [C, C]
+  L           (W W^T) . Gamma', strictly lower triangular             [C, C]
+  Z0          diag(e^{b_prev}) W S^T, the part of Z the chunk's own writes do not touch
+  to_end      e^{b_C - b_i}, the decay from row i to the chunk's end   [C]
+  sweeps      refinement sweeps of Z = Z0 - L Ubar(Z); 0 = the paper's chunk-start rule
+  phi_eps     the epsilon of phi's LayerNorm (normalized SiLU);  f_eps: the same for f
 
-Tensor layout of the public operator: [B, T, H, D] (batch, time, head, feature), as in
-FlashAttention and fla. Memories are [B, H, m, d]. Gates beta, gamma are [B, T, H].
-Inside the passes we use [B, H, T, D] so that heads act as batch for matmuls.
+Layout of the public operator: [B, T, H, D] (batch, time, head, feature), as in
+FlashAttention and fla. Memories are [B, H, m, d]; the gates beta and gamma are [B, T, H].
+The passes work in [B, H, T, D], so that heads act as a batch dimension for matmuls.
 """
 
 import math
@@ -33,17 +51,50 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# eps of the LayerNorm inside normalized SiLU, for f (between the passes) and for phi (the
-# write's error code). LayerNorm is scale-invariant, so its Jacobian grows like 1/sigma as the
-# memory's prediction z flattens (a decaying memory does this); 1/sqrt(eps) caps that gain.
-# For phi the cap decides whether the write is a contraction: with eps = 1e-3 (gain up to ~32)
-# gradients through the recurrence overflowed in training; eps = 1 keeps gamma J < 2. f only
-# feeds a read, so it keeps a near-exact LayerNorm. NOTES.md, "the stall at context 1024".
-NORM_EPS = 1e-3  # f
-PHI_EPS = 1.0  # phi
-
 # -----------------------------------------------------------------------------
-# 1. phi, f and the error codes (TRELLIS.md section 3)
+# 1. One memory, one token: the online-regression step
+#
+# A memory M [m, d] should map a write vector w_t [d] to a slot code a_t [m] through phi.
+# Each token contributes the regression loss
+#
+#     L_t(M) = 1/2 ||phi(M w_t) - a_t||^2 + lam_t/2 ||M||_F^2
+#
+# With z = M w (so dz = dM w), its gradient is J_phi(z)^T (phi(z) - a) w^T + lam M. One
+# gradient step of size gamma_t, taken at the previous memory M_{t-1}, is
+#
+#     z_t = M_{t-1} w_t
+#     u_t = J_phi(z_t)^T (phi(z_t) - a_t)                  (the "error code", [m])
+#     M_t = M_{t-1} - gamma_t (u_t w_t^T + lam_t M_{t-1})
+#         = beta_t M_{t-1} - gamma_t u_t w_t^T,            beta_t = 1 - gamma_t lam_t
+#
+# So the L2 penalty is a multiplicative forget gate. Since beta_t and gamma_t enter the step
+# separately, the model gives beta_t a gate of its own (a sigmoid of the token) and never
+# computes lam_t: the memory can forget without changing how fast it learns.
+#
+# Error codes in closed form, one per phi:
+#   identity:  J = I, so u = z - a.
+#   SiLU:      J = diag(silu'(z)), so u = silu'(z) * (silu(z) - a),
+#              silu'(z) = sigma(z) (1 + z (1 - sigma(z))).
+#   normalized SiLU, phi(z) = LayerNorm(SiLU(z)) over the m slots, no affine weights:
+#              s = silu(z), mu = mean(s), sd = sqrt(mean((s - mu)^2) + eps), y = (s - mu) / sd.
+#              Differentiating, d(sd) = mean((s - mu) ds) / sd = mean(y ds) (mean(s - mu) = 0), so
+#                  dy = (ds - mean(ds) - y mean(y ds)) / sd,
+#              an operator that is symmetric in s. With e = y - a its transpose gives
+#                  u = silu'(z) * (e - mean(e) - y mean(e y)) / sd.
+#              At z = 0 (a zero memory) s is constant, sd = sqrt(eps) and u is scaled by
+#              1/sqrt(eps): eps bounds the gain of the write (NOTES.md, "decisions").
+#
+# phi = identity gives the delta rule. Then u_t = M_{t-1} w_t - a_t and
+#
+#     M_t = beta_t M_{t-1} - gamma_t (M_{t-1} w_t - a_t) w_t^T
+#         = M_{t-1} (beta_t I - gamma_t w_t w_t^T) + gamma_t a_t w_t^T.
+#
+# With beta_t = 1 this is the delta rule (Widrow and Hoff 1960; Schlag et al. 2021; DeltaNet,
+# Yang et al. 2024), S_t = S_{t-1} (I - gamma k k^T) + gamma v k^T, with key w_t, "value" a_t and
+# state M. With beta_t < 1 it is a gated delta rule that decays only the old memory (Gated
+# DeltaNet, Yang et al. 2025, decays the erase term too: S_t = beta S_{t-1}(I - gamma k k^T) + ...).
+# The step contracts the memory along w_t when 0 < gamma_t ||w_t||^2 < 2; the layer
+# L2-normalizes w and keeps gamma_t < 1, as DeltaNet does.
 
 
 def silu_prime(z):
@@ -52,80 +103,96 @@ def silu_prime(z):
     return s * (1 + z * (1 - s))
 
 
-def norm_silu(z, eps=None):
-    """LayerNorm(SiLU(z)) over the last (slot) dimension, no affine weights (eps: NORM_EPS)."""
-    eps = NORM_EPS if eps is None else eps
+def norm_silu(z, eps):
+    """LayerNorm(SiLU(z)) over the last (slot) dimension, no affine weights."""
     s = F.silu(z)
     mu = s.mean(-1, keepdim=True)
     var = (s - mu).pow(2).mean(-1, keepdim=True)
     return (s - mu) / torch.sqrt(var + eps)
 
 
-def l2_silu(z, eps=1e-6):
-    """SiLU(z) / ||SiLU(z)||_2 over the last dimension (the paper's other form of f)."""
+L2_EPS = 1e-6  # keeps SiLU(z) / ||SiLU(z)|| finite at SiLU(z) = 0
+
+
+def l2_silu(z, eps=None):
+    """SiLU(z) / ||SiLU(z)||_2 over the last dimension (the paper's other form of f).
+    Its epsilon is L2_EPS; the argument exists so that every f takes (z, eps)."""
     s = F.silu(z)
-    return s * torch.rsqrt(s.pow(2).sum(-1, keepdim=True) + eps)
+    return s * torch.rsqrt(s.pow(2).sum(-1, keepdim=True) + L2_EPS)
 
 
-def code_identity(z, a):
+def code_identity(z, a, eps=None):
     """phi = identity: u = z - a."""
     return z - a
 
 
-def code_silu(z, a):
+def code_silu(z, a, eps=None):
     """phi = SiLU (elementwise): u = silu'(z) * (silu(z) - a)."""
     return silu_prime(z) * (F.silu(z) - a)
 
 
-def code_norm_silu(z, a, eps=None):
-    """phi = LayerNorm(SiLU): u = silu'(z) * (e - mean(e) - y mean(e y)) / sigma_s (eps: PHI_EPS)."""
-    eps = PHI_EPS if eps is None else eps
+def code_norm_silu(z, a, eps):
+    """phi = LayerNorm(SiLU): u = silu'(z) * (e - mean(e) - y mean(e y)) / sd."""
     s = F.silu(z)
     mu = s.mean(-1, keepdim=True)
     sd = torch.sqrt((s - mu).pow(2).mean(-1, keepdim=True) + eps)
     y = (s - mu) / sd
     e = y - a
-    g = e - e.mean(-1, keepdim=True) - y * (e * y).mean(-1, keepdim=True)
-    return silu_prime(z) * g / sd
+    h = e - e.mean(-1, keepdim=True) - y * (e * y).mean(-1, keepdim=True)
+    return silu_prime(z) * h / sd
 
 
-# name -> (phi itself, its closed-form error code). phi itself is only used by the tests
-# (the closed form must equal autograd of 1/2 ||phi(z) - a||^2).
+# name -> (phi(z, eps), its error code (z, a, eps)). phi itself is only needed by the tests:
+# its code must equal autograd of 1/2 ||phi(z) - a||^2.
 PHI = {
-    "identity": (lambda z: z, code_identity),
-    "silu": (F.silu, code_silu),
-    "norm_silu": (lambda z: norm_silu(z, PHI_EPS), code_norm_silu),
+    "identity": (lambda z, eps=None: z, code_identity),
+    "silu": (lambda z, eps=None: F.silu(z), code_silu),
+    "norm_silu": (norm_silu, code_norm_silu),
 }
-# the map between the two passes, r_t = f(yhat_t) (TRELLIS.md section 4)
+# the map between the passes, r_t = f(yhat_t, eps)
 F_MAP = {"norm_silu": norm_silu, "l2_silu": l2_silu}
 
 
-def error_code(phi, z, a):
-    return PHI[phi][1](z, a)
+def error_code(phi, z, a, eps):
+    return PHI[phi][1](z, a, eps)
 
 
 # -----------------------------------------------------------------------------
-# 2. One memory pass, per-token loop: the readable definition (sections 3-4)
+# 2. The two passes, as a per-token loop
 #
-#   z_t = M_anchor w_t                 anchor = M_{t-1} (exact) or the chunk-start state
-#   u_t = gamma_t code(z_t, a_t)
-#   M_t = beta_t M_{t-1} - u_t w_t^T   (write ...)
-#   y_t = M_t x_t  or  M_t^T x_t       (... before read)
+# Trellis keeps two memories per head and runs the step of section 1 on each, with the
+# same slot codes and gates:
+#
+#     key pass:    M = K, w_t = k_t, a_t = alpha_t       read  yhat_t = K_t q_t      [m]
+#     between:     r_t = f(yhat_t)                                                  [m]
+#     value pass:  M = V, w_t = v_t, a_t = alpha_t       read  o_t = V_t^T r_t       [d_v]
+#
+# The query addresses the slots through the key memory; f turns those scores into slot
+# weights (as a softmax does in ABC and GSA, whose additive writes the regression step
+# replaces); the weights read the value memory. Each token is written before it is read
+# (reads use M_t), and the gradient step is taken at M_{t-1}. The memories evolve from
+# (w, alpha, beta, gamma) alone, never from the reads, so only the value pass's read waits
+# for the key pass.
+#
+# pass_loop is the definition. Its chunk_size argument anchors z_t at the state of the
+# chunk's start instead of M_{t-1}: the approximation of section 3, written as a loop so
+# that the chunked form can be tested against it. chunk_size = 1 is the exact recurrence.
 
 
-def pass_loop(W, A, beta, gamma, S, X, read, phi, chunk_size=1):
-    """W [B,H,T,d], A [B,H,T,m], beta/gamma [B,H,T], S [B,H,m,d],
-    X [B,H,T,d] if read == "q" (y = M x, m out) or [B,H,T,m] if read == "r" (y = M^T x).
+def pass_loop(W, A, beta, gamma, S, X, read, phi, phi_eps, chunk_size=1):
+    """One memory pass, token by token.
+    W [B,H,T,d], A [B,H,T,m], beta/gamma [B,H,T], S [B,H,m,d] (the initial memory),
+    X [B,H,T,d] if read == "q" (y = M x, [m]) or [B,H,T,m] if read == "r" (y = M^T x, [d]).
     Returns Y [B,H,T,m or d] and the final memory [B,H,m,d]."""
     ys = []
     for t in range(W.shape[2]):
         if t % chunk_size == 0:
-            anchor = S  # chunk_size = 1: the previous state, i.e. the exact recurrence
+            anchor = S  # chunk_size = 1: the previous memory, i.e. the exact recurrence
         w, a, x = W[:, :, t], A[:, :, t], X[:, :, t]  # [B,H,d], [B,H,m], [B,H,d|m]
         z = (anchor @ w[..., None])[..., 0]  # [B,H,m]
-        u = gamma[:, :, t, None] * error_code(phi, z, a)  # [B,H,m]
-        S = beta[:, :, t, None, None] * S - u[..., :, None] * w[..., None, :]
-        if read == "q":
+        u = gamma[:, :, t, None] * error_code(phi, z, a, phi_eps)  # [B,H,m]  (gamma_t u_t)
+        S = beta[:, :, t, None, None] * S - u[..., :, None] * w[..., None, :]  # write ...
+        if read == "q":  # ... before read
             ys.append((S @ x[..., None])[..., 0])  # [B,H,m]
         else:
             ys.append((S.transpose(-1, -2) @ x[..., None])[..., 0])  # [B,H,d]
@@ -133,29 +200,53 @@ def pass_loop(W, A, beta, gamma, S, X, read, phi, chunk_size=1):
 
 
 # -----------------------------------------------------------------------------
-# 3. One memory pass, chunked-parallel form (section 6)
+# 3. The chunked-parallel form of one pass
 #
-# For a chunk with start state S, rows i = 1..c, b_i = sum_{j<=i} log beta_j:
-#   Z    = W S^T,   Ubar = diag(gamma) code(Z, A)
-#   Gam_ij = exp(b_i - b_j) (j <= i)
-#   read q:  Y = diag(e^b) X S^T - ((X W^T) . Gam) Ubar
-#   read r:  Y = diag(e^b) X S   - ((X Ubar^T) . Gam) W
-#   S_end = e^{b_c} S - (Ubar . e^{b_c - b})^T W
-# Refinement sweeps recompute Z from the rows above (exact after c - 1 sweeps):
-#   Z <- diag(e^{b_{i-1}}) W S^T - ((W W^T) . Gam') Ubar,  Gam'_ij = exp(b_{i-1} - b_j) (j < i)
+# Split time into chunks of C tokens. In a chunk with start memory S, rows i = 1..c, write
+# Ubar_i = gamma_i u_i and b_i = sum_{j<=i} log beta_j. Unrolling M_i = beta_i M_{i-1} - Ubar_i w_i^T
+# from S gives
+#
+#     M_i = e^{b_i} S - sum_{j<=i} e^{b_i - b_j} Ubar_j w_j^T,
+#
+# and with Gam_ij = exp(b_i - b_j) for j <= i (else 0) the chunk's reads and its end state are
+# matrix products over the chunk's rows:
+#
+#     read with q:  Yhat = diag(e^b) Q S^T - ((Q W^T) . Gam) Ubar       [c, m]   (yhat_i = M_i q_i)
+#     read with r:  O    = diag(e^b) R S   - ((R Ubar^T) . Gam) W       [c, d_v] (o_i = M_i^T r_i)
+#     end state:    S   <- e^{b_c} S - (Ubar . to_end)^T W,  to_end_i = e^{b_c - b_i}
+#
+# b restarts at every chunk and only differences b_i - b_j <= 0 are exponentiated, so
+# nothing overflows however small beta gets (no cumulative product of beta is formed).
+#
+# What is not linear is Ubar itself: u_i needs z_i = M_{i-1} w_i. The paper's chunk-start rule
+# takes every z_i of a chunk from the start memory, Z = W S^T, so that all of a chunk's codes
+# come from one matrix product. It is an approximation (a different function, not a rounding)
+# that becomes exact at C = 1.
+#
+# The exact z_i follows from the same unrolling, at i - 1:
+#
+#     z_i = e^{b_{i-1}} S w_i - sum_{j<i} e^{b_{i-1} - b_j} (w_j . w_i) Ubar_j
+#     Z   = Z0 - L Ubar(Z),   Z0 = diag(e^{b_prev}) W S^T,   L = (W W^T) . Gam_prev,
+#
+# with Gam_prev_ij = exp(b_{i-1} - b_j) for j < i. This is a fixed point in Z. L is strictly
+# lower triangular, so row i depends only on rows j < i: sweeping Z <- Z0 - L Ubar(Z) from the
+# chunk-start codes makes one more row exact per sweep (row 1 already is: b_0 = 0), and
+# C - 1 sweeps give the exact recurrence. The sweeps argument is therefore a knob from the
+# paper's rule (0) to the exact model (C - 1). This refinement is this project's addition.
 
 
 def _decay_matrix(row, col, mask):
-    """exp(row_i - col_j) where mask, else 0; only non-positive exponents are evaluated."""
+    """exp(row_i - col_j) where mask, else 0; masked entries are zeroed before exp, so they
+    can neither overflow nor send NaN into the gradient."""
     diff = row[..., :, None] - col[..., None, :]  # [..., c, c]
     return torch.where(mask, torch.exp(diff.masked_fill(~mask, 0.0)), 0.0)
 
 
-def pass_chunked(W, A, beta, gamma, S, X, read, phi, chunk_size=64, sweeps=0):
-    """Same signature and result as pass_loop(..., chunk_size) when sweeps = 0;
+def pass_chunked(W, A, beta, gamma, S, X, read, phi, phi_eps, chunk_size=64, sweeps=0):
+    """Same arguments and result as pass_loop(..., chunk_size) when sweeps = 0;
     with sweeps >= chunk_size - 1 it equals the exact recurrence."""
     T = W.shape[2]
-    log_beta = torch.log(beta)  # [B,H,T]; the caller keeps beta > 0
+    log_beta = torch.log(beta)  # [B,H,T]; trellis_op keeps beta > 0
     ys = []
     for t0 in range(0, T, chunk_size):
         t1 = min(t0 + chunk_size, T)  # the last chunk may be partial
@@ -163,18 +254,18 @@ def pass_chunked(W, A, beta, gamma, S, X, read, phi, chunk_size=64, sweeps=0):
         w, a, x = W[:, :, t0:t1], A[:, :, t0:t1], X[:, :, t0:t1]  # [B,H,c,*]
         g = gamma[:, :, t0:t1, None]  # [B,H,c,1]
         lb = log_beta[:, :, t0:t1]  # [B,H,c]
-        b = lb.cumsum(-1)  # [B,H,c]   b_i
+        b = lb.cumsum(-1)  # [B,H,c]
         le = torch.ones(c, c, dtype=torch.bool, device=W.device).tril()
         Gam = _decay_matrix(b, b, le)  # [B,H,c,c]
 
         Z = w @ S.transpose(-1, -2)  # [B,H,c,m]   the chunk-start rule
-        U = g * error_code(phi, Z, a)  # [B,H,c,m]   Ubar
+        U = g * error_code(phi, Z, a, phi_eps)  # [B,H,c,m]   Ubar
         if sweeps > 0:
             b_prev = b - lb  # b_{i-1}, with b_0 = 0
-            WW = (w @ w.transpose(-1, -2)) * _decay_matrix(b_prev, b, le.tril(-1))  # [B,H,c,c]
-            Z0 = torch.exp(b_prev)[..., None] * Z
+            L = (w @ w.transpose(-1, -2)) * _decay_matrix(b_prev, b, le.tril(-1))  # [B,H,c,c]
+            Z0 = torch.exp(b_prev)[..., None] * Z  # [B,H,c,m]
             for _ in range(min(sweeps, c - 1)):
-                U = g * error_code(phi, Z0 - WW @ U, a)
+                U = g * error_code(phi, Z0 - L @ U, a, phi_eps)
 
         eb = torch.exp(b)[..., None]  # [B,H,c,1]
         if read == "q":
@@ -182,112 +273,86 @@ def pass_chunked(W, A, beta, gamma, S, X, read, phi, chunk_size=64, sweeps=0):
         else:
             y = eb * (x @ S) - ((x @ U.transpose(-1, -2)) * Gam) @ w  # [B,H,c,d]
         ys.append(y)
-        to_end = torch.exp(b[..., -1:] - b)[..., None]  # [B,H,c,1]  e^{b_c - b_i}
+        to_end = torch.exp(b[..., -1:] - b)[..., None]  # [B,H,c,1]
         S = torch.exp(b[..., -1])[..., None, None] * S - (U * to_end).transpose(-1, -2) @ w
     return torch.cat(ys, dim=2), S
 
 
 # -----------------------------------------------------------------------------
-# 4. The two-pass Trellis operator (section 4)
+# 4. The two-pass operator
 #
-#   key pass:   K_t from (k_t, alpha_t),  yhat_t = K_t q_t
-#   between:    r_t = f(yhat_t)
-#   value pass: V_t from (v_t, alpha_t),  o_t = V_t^T r_t
-
-
-def _check_operator_args(q, k, v, alpha, beta, gamma, K0, V0, phi, f, chunk_size, sweeps):
-    """Raise ValueError naming the argument and the expected shape."""
-    named = dict(q=q, k=k, v=v, alpha=alpha, beta=beta, gamma=gamma)
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if q.dim() != 4:
-        raise ValueError(f"q must be [B, T, H, d_k], got shape {tuple(q.shape)}")
-    B, T, H, dk = q.shape
-    dv = v.shape[-1] if v.dim() == 4 else None
-    m = alpha.shape[-1] if alpha.dim() == 4 else None
-    expected = dict(
-        k=((B, T, H, dk), "[B, T, H, d_k] like q"),
-        v=((B, T, H, dv), "[B, T, H, d_v]"),
-        alpha=((B, T, H, m), "[B, T, H, m]"),
-        beta=((B, T, H), "[B, T, H] (one forget gate per token and head)"),
-        gamma=((B, T, H), "[B, T, H] (one step size per token and head)"),
-    )
-    for name, (shape, text) in expected.items():
-        t = named[name]
-        if None in shape or tuple(t.shape) != shape:
-            want = tuple("?" if s is None else s for s in shape)
-            raise ValueError(f"{name} must be {text} = {want}, got shape {tuple(t.shape)}")
-    if T == 0 or dk == 0 or dv == 0 or m == 0:
-        raise ValueError(f"empty dimension: T={T}, d_k={dk}, d_v={dv}, m={m} must all be >= 1")
-    for name, t, d in (("K0", K0, dk), ("V0", V0, dv)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor or None")
-        if tuple(t.shape) != (B, H, m, d):
-            raise ValueError(f"{name} must be [B, H, m, d] = {(B, H, m, d)}, got shape {tuple(t.shape)}")
-    if phi not in PHI:
-        raise ValueError(f"phi must be one of {sorted(PHI)}, got {phi!r}")
-    if f not in F_MAP:
-        raise ValueError(f"f must be one of {sorted(F_MAP)}, got {f!r}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-    if not isinstance(sweeps, int) or sweeps < 0:
-        raise ValueError(f"sweeps must be an int >= 0, got {sweeps!r}")
+# trellis_op runs the key pass, f, then the value pass, in one of these implementations:
+#   "loop"     pass_loop; chunk_size anchors the codes (1 = exact)
+#   "chunked"  pass_chunked; sweeps refine the chunk-start rule toward exact
+#   "kernel"   kernel.py's Triton kernels (CUDA, or the Triton interpreter; sweeps 0 or >= C - 1)
+#   "auto"     the kernel when it supports the call, else "chunked"
+# Memories and gates are kept in float32 (float64 if any input is float64) whatever the
+# inputs' dtype and the caller's autocast: a bf16 memory would round every one of T updates.
 
 
 def trellis_op(q, k, v, alpha, beta, gamma, K0=None, V0=None, *, phi="norm_silu", f="norm_silu",
-               chunk_size=64, sweeps=0, impl="chunked"):
+               chunk_size=64, sweeps=0, phi_eps=1.0, f_eps=1e-3, impl="chunked"):
     """The two-pass Trellis operator.
 
     q, k [B,T,H,d_k]; v [B,T,H,d_v]; alpha [B,T,H,m]; beta, gamma [B,T,H];
-    K0 [B,H,m,d_k], V0 [B,H,m,d_v] (None = zeros).
-    impl: "loop" (per-token; chunk_size sets the chunk-start rule, 1 = exact) or
-          "chunked" (matrix form; sweeps refine toward exact) or "kernel" (Triton).
-    Returns o [B,T,H,d_v] in v's dtype and the final memories K, V in float32
-    (float64 if any input is float64).
-    """
-    _check_operator_args(q, k, v, alpha, beta, gamma, K0, V0, phi, f, chunk_size, sweeps)
+    K0 [B,H,m,d_k], V0 [B,H,m,d_v] (None = zeros). phi_eps, f_eps: the LayerNorm epsilons of
+    normalized SiLU in phi and in f. Returns o [B,T,H,d_v] in v's dtype and the final
+    memories K, V in float32 (float64 if any input is float64)."""
+    _check_operator_args(q, k, v, alpha, beta, gamma, K0, V0, phi, f, chunk_size, sweeps, phi_eps, f_eps, impl)
+    impl = _choose_impl(impl, q, v, alpha, phi, f, chunk_size, sweeps)
     if impl == "kernel":
-        import kernel  # only needed on this path; keeps trellis.py importable without triton
+        import kernel  # only this path needs triton
 
-        return kernel.trellis_op_triton(q, k, v, alpha, beta, gamma, K0, V0, phi=phi, f=f,
-                                        chunk_size=chunk_size, sweeps=sweeps)
-    if impl not in ("loop", "chunked"):
-        raise ValueError(f"impl must be 'loop', 'chunked' or 'kernel', got {impl!r}")
+        return kernel.trellis_op_triton(q, k, v, alpha, beta, gamma, K0, V0, phi=phi, f=f, chunk_size=chunk_size,
+                                        sweeps=sweeps, phi_eps=phi_eps, f_eps=f_eps)
 
     B, T, H, dk = q.shape
     dv, m = v.shape[-1], alpha.shape[-1]
     tensors = [q, k, v, alpha, beta, gamma] + [t for t in (K0, V0) if t is not None]
     dt = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
-    def heads_first(t):  # [B,T,H,*] -> [B,H,T,*] in the compute dtype (memories and gates fp32+)
+    def heads_first(t):  # [B,T,H,*] -> [B,H,T,*] in the compute dtype
         return t.to(dt).transpose(1, 2)
 
     qh, kh, vh, ah = map(heads_first, (q, k, v, alpha))  # [B,H,T,d_k|d_v|m]
     # beta is clamped away from 0 so that log beta is finite (sigmoid underflows below -88)
     bh = beta.to(dt).clamp_min(torch.finfo(dt).tiny).transpose(1, 2)  # [B,H,T]
     gh = gamma.to(dt).transpose(1, 2)  # [B,H,T]
-    K = q.new_zeros(B, H, m, dk, dtype=dt) if K0 is None else K0.to(dt)
-    V = q.new_zeros(B, H, m, dv, dtype=dt) if V0 is None else V0.to(dt)
+    K = q.new_zeros(B, H, m, dk, dtype=dt) if K0 is None else K0.to(dt)  # [B,H,m,d_k]
+    V = q.new_zeros(B, H, m, dv, dtype=dt) if V0 is None else V0.to(dt)  # [B,H,m,d_v]
 
     if impl == "loop":
-        run = lambda *a: pass_loop(*a, chunk_size=chunk_size)  # noqa: E731
+        one_pass, opts = pass_loop, dict(chunk_size=chunk_size)
     else:
-        run = lambda *a: pass_chunked(*a, chunk_size=chunk_size, sweeps=sweeps)  # noqa: E731
-    # the caller's autocast would run these matmuls in bf16: the memories must stay fp32
+        one_pass, opts = pass_chunked, dict(chunk_size=chunk_size, sweeps=sweeps)
     with torch.autocast(q.device.type, enabled=False):
-        yhat, K = run(kh, ah, bh, gh, K, qh, "q", phi)  # [B,H,T,m]
-        r = F_MAP[f](yhat)  # [B,H,T,m]
-        o, V = run(vh, ah, bh, gh, V, r, "r", phi)  # [B,H,T,d_v]
+        yhat, K = one_pass(kh, ah, bh, gh, K, qh, "q", phi, phi_eps, **opts)  # key pass: yhat [B,H,T,m]
+        r = F_MAP[f](yhat, f_eps)  # [B,H,T,m]
+        o, V = one_pass(vh, ah, bh, gh, V, r, "r", phi, phi_eps, **opts)  # value pass: o [B,H,T,d_v]
     return o.transpose(1, 2).to(v.dtype), K, V  # o: [B,T,H,d_v]
 
 
+def _choose_impl(impl, q, v, alpha, phi, f, chunk_size, sweeps):
+    """Resolve "auto": the Triton kernel on CUDA when it supports the call, else "chunked"."""
+    if impl != "auto":
+        return impl
+    if q.is_cuda:
+        import kernel
+
+        if kernel.unsupported(q, v, alpha, phi, f, chunk_size, sweeps) is None:
+            return "kernel"
+    return "chunked"
+
+
 # -----------------------------------------------------------------------------
-# 5. The layer and the language model (section 8)
+# 5. The layer and the language model
+#
+# A pre-norm residual block, x += Mixer(RMSNorm(x)); x += SwiGLU(RMSNorm(x)), with no
+# positional encoding in the Trellis mixer (the recurrence is ordered). The mixer makes
+# q, k, v (a short causal convolution on q and k), L2-normalizes them per head, projects
+# alpha, beta and gamma from the token, runs trellis_op, and gates the normalized output.
+# Every choice the paper leaves open is a TrellisConfig field; NOTES.md gives the evidence.
+
 
 @dataclass
 class TrellisConfig:
@@ -297,13 +362,15 @@ class TrellisConfig:
     n_head: int = 4  # head size n_embd / n_head = 64
     mixer: str = "trellis"  # "trellis" or "attention" (the same shell with causal softmax attention)
     dropout: float = 0.0
-    # Trellis mixer; every default is justified in NOTES.md section 2
+    # the Trellis mixer
     slots: int = 64  # m
     phi: str = "norm_silu"  # write nonlinearity phi
     f: str = "norm_silu"  # map between the passes
+    phi_eps: float = 1.0  # LayerNorm eps in phi: bounds the write's gain, 1/sqrt(eps)
+    f_eps: float = 1e-3  # LayerNorm eps in f: f only feeds a read, so a near-exact LayerNorm
     chunk_size: int = 64
     sweeps: int = 0  # 0 = the paper's chunk-start rule, chunk_size - 1 = exact
-    impl: str = "auto"  # "auto" (kernel on CUDA, else chunked), "kernel", "chunked", "loop"
+    impl: str = "auto"  # trellis_op's implementation: "auto", "kernel", "chunked" or "loop"
     short_conv: bool = True  # causal depthwise conv (width 4) + SiLU on q and k
     forget_gate: bool = True  # False: beta = 1 (the ablation)
     beta_init: float = 0.95  # initial forget gate, through the bias of its sigmoid
@@ -325,9 +392,12 @@ class TrellisConfig:
                 raise ValueError(f"TrellisConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not isinstance(self.sweeps, int) or self.sweeps < 0:
             raise ValueError(f"TrellisConfig.sweeps must be an int >= 0, got {self.sweeps!r}")
+        for name in ("phi_eps", "f_eps"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"TrellisConfig.{name} must be a positive number, got {getattr(self, name)!r}")
         if not 0 < self.beta_init < 1:
             raise ValueError(f"TrellisConfig.beta_init must be in (0, 1), got {self.beta_init!r}")
-        if not 0 < self.gamma_max < 2:  # gamma ||w||^2 < 2 for unit writes (TRELLIS.md section 5)
+        if not 0 < self.gamma_max < 2:  # gamma ||w||^2 < 2 keeps a unit write contractive (section 1)
             raise ValueError(f"TrellisConfig.gamma_max must be in (0, 2), got {self.gamma_max!r}")
         if not 0 < self.gamma_init < self.gamma_max:
             raise ValueError(f"TrellisConfig.gamma_init must be in (0, gamma_max = {self.gamma_max}), "
@@ -366,16 +436,7 @@ class ShortConv(nn.Module):
         return F.silu(y.transpose(1, 2)), xp[:, -(width - 1):]
 
 
-def _operator_impl(impl, q, v, alpha, cfg):
-    """"auto": the Triton kernel on CUDA when it supports the call, else the PyTorch chunked form."""
-    if impl != "auto":
-        return impl
-    if q.is_cuda:
-        import kernel
 
-        if kernel.unsupported(q, v, alpha, cfg.phi, cfg.f, cfg.chunk_size, cfg.sweeps) is None:
-            return "kernel"
-    return "chunked"
 
 
 def _gate(lin, x):
@@ -442,9 +503,10 @@ class TrellisMixer(nn.Module):
         if "K" in state and T == 1:  # generation: the exact per-token update
             impl, C, sweeps = "loop", 1, 0
         else:
-            impl, C, sweeps = _operator_impl(cfg.impl, q, v, alpha, cfg), cfg.chunk_size, cfg.sweeps
+            impl, C, sweeps = cfg.impl, cfg.chunk_size, cfg.sweeps
         o, new_state["K"], new_state["V"] = trellis_op(q, k, v, alpha, beta, gamma, K0, V0, phi=cfg.phi, f=cfg.f,
-                                                       chunk_size=C, sweeps=sweeps, impl=impl)
+                                                       chunk_size=C, sweeps=sweeps, phi_eps=cfg.phi_eps,
+                                                       f_eps=cfg.f_eps, impl=impl)
         y = self.o_norm(o).reshape(B, T, n) * F.silu(self.g_proj(x))  # [B,T,H,d] -> [B,T,n]
         return self.o_proj(y), new_state
 
@@ -577,17 +639,37 @@ class TrellisLM(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
         return logits, loss, new_state
 
+    # -------------------------------------------------------------------------
+    # 6. Generation with a constant-size state
+    #
+    # A prompt is absorbed in one call (chunked form, the kernel on CUDA); then each new token
+    # is one exact per-token step (section 2) from the carried state. For Trellis that state is
+    # 2 m d numbers per head and layer (K and V) plus the short convolutions' last inputs,
+    # whatever the context; attention carries a KV cache that grows by one token per step.
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, cuda_graph=True):
-        """Absorb the prompt idx [B,T] in chunked form, then sample one token at a time from
-        the carried state: constant size for Trellis, a growing KV cache for attention.
-        On CUDA the Trellis step of an eval-mode model is replayed as a CUDA graph (DecodeGraph:
-        the same kernels, no dropout)."""
+        """Absorb the prompt idx [B,T] and sample max_new_tokens tokens one at a time.
+        On CUDA the Trellis step of an eval-mode model is replayed as a CUDA graph
+        (DecodeGraph: the same kernels, no dropout)."""
+        V = self.cfg.vocab_size
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.shape[1] == 0 or idx.is_floating_point():
+            raise ValueError(f"idx must be a non-empty [B, T] tensor of token ids, got "
+                             f"{tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__}")
+        if idx.min() < 0 or idx.max() >= V:
+            raise ValueError(f"idx holds token ids outside [0, {V}) (min {idx.min().item()}, max {idx.max().item()}): "
+                             f"encode the prompt with the model's tokenizer")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
+            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
         logits, _, state = self(idx)
         out, graph = [idx], None
         use_graph = cuda_graph and idx.is_cuda and self.cfg.mixer == "trellis" and not self.training
         for _ in range(max_new_tokens):
-            logits = logits[:, -1, :].float() / max(temperature, 1e-6)  # [B,V]
+            logits = logits[:, -1, :].float() / temperature  # [B,V]
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, -float("inf"))
@@ -635,3 +717,56 @@ class DecodeGraph:
 def state_numel(state):
     """Numbers held by a generation state (list over layers of dicts of tensors)."""
     return sum(t.numel() for layer in state for t in layer.values())
+
+
+# -----------------------------------------------------------------------------
+# 7. Argument checks of trellis_op
+
+
+def _check_operator_args(q, k, v, alpha, beta, gamma, K0, V0, phi, f, chunk_size, sweeps, phi_eps, f_eps, impl):
+    """Raise ValueError naming the argument and the expected shape or value."""
+    named = dict(q=q, k=k, v=v, alpha=alpha, beta=beta, gamma=gamma)
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, T, H, d_k], got shape {tuple(q.shape)}")
+    B, T, H, dk = q.shape
+    dv = v.shape[-1] if v.dim() == 4 else None
+    m = alpha.shape[-1] if alpha.dim() == 4 else None
+    expected = dict(
+        k=((B, T, H, dk), "[B, T, H, d_k] like q"),
+        v=((B, T, H, dv), "[B, T, H, d_v]"),
+        alpha=((B, T, H, m), "[B, T, H, m]"),
+        beta=((B, T, H), "[B, T, H] (one forget gate per token and head)"),
+        gamma=((B, T, H), "[B, T, H] (one step size per token and head)"),
+    )
+    for name, (shape, text) in expected.items():
+        t = named[name]
+        if None in shape or tuple(t.shape) != shape:
+            want = tuple("?" if s is None else s for s in shape)
+            raise ValueError(f"{name} must be {text} = {want}, got shape {tuple(t.shape)}")
+    if T == 0 or dk == 0 or dv == 0 or m == 0:
+        raise ValueError(f"empty dimension: T={T}, d_k={dk}, d_v={dv}, m={m} must all be >= 1")
+    for name, t, d in (("K0", K0, dk), ("V0", V0, dv)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor or None")
+        if tuple(t.shape) != (B, H, m, d):
+            raise ValueError(f"{name} must be [B, H, m, d] = {(B, H, m, d)}, got shape {tuple(t.shape)}")
+    if phi not in PHI:
+        raise ValueError(f"phi must be one of {sorted(PHI)}, got {phi!r}")
+    if f not in F_MAP:
+        raise ValueError(f"f must be one of {sorted(F_MAP)}, got {f!r}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    if not isinstance(sweeps, int) or sweeps < 0:
+        raise ValueError(f"sweeps must be an int >= 0, got {sweeps!r}")
+    for name, eps in (("phi_eps", phi_eps), ("f_eps", f_eps)):
+        if not (isinstance(eps, (int, float)) and 0 < eps < math.inf):
+            raise ValueError(f"{name} must be a positive number, got {eps!r}")
+    if impl not in ("auto", "loop", "chunked", "kernel"):
+        raise ValueError(f"impl must be 'auto', 'loop', 'chunked' or 'kernel', got {impl!r}")
