@@ -1,8 +1,9 @@
-"""pytest setup: run Triton kernels in the CPU interpreter and bound hypothesis.
+"""pytest setup: where the Triton kernels run, and how many examples hypothesis draws.
 
-TRITON_INTERPRET must be set before any @triton.jit function is imported, so it is set
-here, before pytest imports the test module. On a CUDA machine, run the tests with
-TRITON_INTERPRET=0 to compile the kernels for the GPU instead.
+TRITON_INTERPRET must be set before any @triton.jit function is imported, so it is set here,
+before pytest imports the test module. The default, 1, runs the kernels in Triton's CPU
+interpreter on CPU tensors. On a CUDA machine, TRITON_INTERPRET=0 compiles them instead, and
+the kernel tests put their inputs on the GPU.
 """
 
 import os

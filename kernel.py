@@ -56,6 +56,7 @@ SUPPORTED_PHI = ("identity", "silu", "norm_silu")
 SUPPORTED_F = ("norm_silu", "l2_silu")
 _PHI_ID = {name: i for i, name in enumerate(SUPPORTED_PHI)}
 _F_ID = {name: i for i, name in enumerate(SUPPORTED_F)}
+DEFAULT_PRECISION = "tf32"  # of the fp32 dots: TF32 (10-bit mantissas, ~3x the rate) or "ieee"
 
 # -----------------------------------------------------------------------------
 # row-wise pieces (each row is one token's m slots; `mm` masks padded slots)
@@ -69,7 +70,7 @@ def _silu_parts(z):
 
 
 @triton.jit
-def _norm_stats(s, mm, M: tl.constexpr, EPS: tl.constexpr):
+def _norm_stats(s, mm, M, EPS: tl.constexpr):
     """LayerNorm over the real slots: (y, sd) with y zero on padded slots."""
     s = tl.where(mm, s, 0.0)
     mu = tl.sum(s, 1) / M
@@ -79,7 +80,7 @@ def _norm_stats(s, mm, M: tl.constexpr, EPS: tl.constexpr):
 
 
 @triton.jit
-def _code_fwd(z, a, mm, M: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr):
+def _code_fwd(z, a, mm, M, PHI: tl.constexpr, EPS: tl.constexpr):
     """u = J_phi(z)ᵀ (phi(z) - a)."""
     if PHI == 0:
         u = z - a
@@ -96,7 +97,7 @@ def _code_fwd(z, a, mm, M: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr):
 
 
 @triton.jit
-def _code_bwd(z, a, du, mm, M: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr):
+def _code_bwd(z, a, du, mm, M, PHI: tl.constexpr, EPS: tl.constexpr):
     """(u, dz, da) for the vector-Jacobian product of u = code(z, a) with du."""
     if PHI == 0:
         u = z - a
@@ -126,7 +127,7 @@ def _code_bwd(z, a, du, mm, M: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexp
 
 
 @triton.jit
-def _f_fwd(yh, mm, M: tl.constexpr, F: tl.constexpr, EPS: tl.constexpr):
+def _f_fwd(yh, mm, M, F: tl.constexpr, EPS: tl.constexpr):
     """r = f(yhat): LayerNorm(SiLU) (F = 0) or SiLU / ||SiLU|| (F = 1)."""
     s, _, _ = _silu_parts(yh)
     if F == 0:
@@ -138,7 +139,7 @@ def _f_fwd(yh, mm, M: tl.constexpr, F: tl.constexpr, EPS: tl.constexpr):
 
 
 @triton.jit
-def _f_bwd(yh, dr, mm, M: tl.constexpr, F: tl.constexpr, EPS: tl.constexpr):
+def _f_bwd(yh, dr, mm, M, F: tl.constexpr, EPS: tl.constexpr):
     """d yhat from d r."""
     s, s1, _ = _silu_parts(yh)
     dr = tl.where(mm, dr, 0.0)
@@ -216,7 +217,7 @@ def _pick(x, sel):
 
 
 @triton.jit
-def _exact_codes_fwd(Z0, L, a, g, oc, mm, M: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr,
+def _exact_codes_fwd(Z0, L, a, g, oc, mm, M, PHI: tl.constexpr, EPS: tl.constexpr,
                      C: tl.constexpr, BM: tl.constexpr):
     """Ū row by row: z_i = Z0_i - sum_{j<i} L_ij Ū_j, Ū_i = γ_i code(z_i, α_i)."""
     U = tl.zeros([C, BM], dtype=tl.float32)
@@ -229,7 +230,7 @@ def _exact_codes_fwd(Z0, L, a, g, oc, mm, M: tl.constexpr, PHI: tl.constexpr, EP
 
 
 @triton.jit
-def _exact_codes_bwd(Z, L, a, g, dU, oc, mm, M: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr,
+def _exact_codes_bwd(Z, L, a, g, dU, oc, mm, M, PHI: tl.constexpr, EPS: tl.constexpr,
                      C: tl.constexpr, BM: tl.constexpr):
     """Reverse of _exact_codes_fwd. dU: dL/dŪ from everything but Z (reads, chunk end).
     Rows in reverse: dŪ_i is complete once every later row has passed its -L_ki dz_k on.
@@ -256,7 +257,7 @@ def _exact_codes_bwd(Z, L, a, g, dU, oc, mm, M: tl.constexpr, PHI: tl.constexpr,
 
 @triton.jit
 def _state_fwd_kernel(k, v, al, LB, GM, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC,
-                      DK: tl.constexpr, DV: tl.constexpr, M: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+                      DK, DV, M, BD: tl.constexpr, BM: tl.constexpr,
                       C: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
                       EXACT: tl.constexpr):
     """Grid (B*H, 2 passes). Per chunk: Z = W Sᵀ (EXACT: the per-token z, _exact_codes_fwd),
@@ -298,7 +299,7 @@ def _state_fwd_kernel(k, v, al, LB, GM, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC
 
 @triton.jit
 def _read_fwd_kernel(q, k, v, LB, SK, SV, UK, UV, o, YK, T, H, NC,
-                     DK: tl.constexpr, DV: tl.constexpr, M: tl.constexpr,
+                     DK, DV, M,
                      BDK: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, C: tl.constexpr,
                      F: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
     """Grid (NC, B*H): one chunk's reads from its start states and stored codes:
@@ -333,7 +334,7 @@ def _read_fwd_kernel(q, k, v, LB, SK, SV, UK, UV, o, YK, T, H, NC,
 
 @triton.jit
 def _read_bwd_value_kernel(v, LB, SV, UV, YK, do, dv, dUV, dSV, dYK, dlb, T, H, NC,
-                           DV: tl.constexpr, M: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr,
+                           DV, M, BDV: tl.constexpr, BM: tl.constexpr,
                            C: tl.constexpr, F: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
     """Grid (NC, B*H). The value pass's read O = e^b R V - ((R Uvᵀ) ⊙ Γ) v with R = f(Yhat):
     the read parts of dv, dUv, d log beta, dS_read per chunk, and dYhat for the key pass."""
@@ -366,7 +367,7 @@ def _read_bwd_value_kernel(v, LB, SV, UV, YK, do, dv, dUV, dSV, dYK, dlb, T, H, 
 
 @triton.jit
 def _read_bwd_key_kernel(q, k, LB, SK, UK, dYK, dq, dk, dUK, dSK, dlb, T, H, NC,
-                         DK: tl.constexpr, M: tl.constexpr, BDK: tl.constexpr, BM: tl.constexpr,
+                         DK, M, BDK: tl.constexpr, BM: tl.constexpr,
                          C: tl.constexpr, PREC: tl.constexpr):
     """Grid (NC, B*H). The key pass's read Yhat = e^b q Kᵀ - ((q kᵀ) ⊙ Γ) Uk: dq (final), the
     read parts of dk, dUk, dS_read per chunk, and its share of d log beta (added)."""
@@ -399,7 +400,7 @@ def _read_bwd_key_kernel(q, k, LB, SK, UK, dYK, dq, dk, dUK, dSK, dlb, T, H, NC,
 @triton.jit
 def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT, dVT, dk, dv, dalK, dalV,
                       dlbK, dlbV, dgmK, dgmV, dK0, dV0, T, H, NC,
-                      DK: tl.constexpr, DV: tl.constexpr, M: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+                      DK, DV, M, BD: tl.constexpr, BM: tl.constexpr,
                       C: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
                       EXACT: tl.constexpr):
     """Grid (B*H, 2 passes), chunks in reverse carrying dS = dL/d(state at the chunk's end):
@@ -559,14 +560,16 @@ def unsupported(q, v, alpha, phi, f, chunk_size, sweeps):
 
 
 def trellis_op_triton(q, k, v, alpha, beta, gamma, K0=None, V0=None, *, phi, f, phi_eps, f_eps, chunk_size=64,
-                      sweeps=0, precision="tf32", num_warps=(4, 4)):
+                      sweeps=0, precision=None, num_warps=(4, 4)):
     """The Triton form of trellis.trellis_op: the chunk-start rule (sweeps = 0) or the exact
     recurrence (sweeps >= C - 1). Inputs as there (trellis_op checks them before it calls
-    this); phi_eps and f_eps are the LayerNorm epsilons of phi and f. precision: "tf32" or
-    "ieee" for the fp32 dots; num_warps: (sequential kernels, parallel kernels)."""
+    this); phi_eps and f_eps are the LayerNorm epsilons of phi and f. Every dot runs on fp32
+    operands; precision "tf32" or "ieee" says how (None: DEFAULT_PRECISION). num_warps:
+    (sequential kernels, parallel kernels)."""
     why = unsupported(q, v, alpha, phi, f, chunk_size, sweeps)
     if why:
         raise ValueError("kernel: " + why)
+    precision = precision or DEFAULT_PRECISION
     B, T, H, dk = q.shape
     m, dv = alpha.shape[-1], v.shape[-1]
     dt = q.dtype
@@ -680,38 +683,52 @@ def _time_slow(fn, reps=3):
 KERNEL_VARIANTS = {"kernel": ((4, 4), 0), "kernel exact": ((4, 4), 63)}  # ((sequential, parallel) warps, sweeps)
 
 
+def _fla_rows(B, T, H, d, m, device):
+    """fla's chunked GSA (two linear-attention passes over m slots) and delta rule at the same
+    shapes, when flash-linear-attention (fla-core) is installed: {name: (inputs, forward)}."""
+    try:
+        from fla.ops.delta_rule import chunk_delta_rule
+        from fla.ops.gsa import chunk_gsa
+    except ImportError:
+        return {}
+    g = torch.Generator(device="cpu").manual_seed(2)
+    rn = lambda *s: torch.randn(*s, generator=g).to(device, torch.bfloat16)  # noqa: E731
+    unit = lambda *s: torch.nn.functional.normalize(rn(*s).float(), dim=-1).bfloat16()  # noqa: E731
+    gsa = [rn(B, T, H, d), rn(B, T, H, d), rn(B, T, H, d), rn(B, T, H, m),
+           torch.nn.functional.logsigmoid(rn(B, T, H, m).float() + 3).bfloat16()]
+    delta = [rn(B, T, H, d), unit(B, T, H, d), rn(B, T, H, d), torch.sigmoid(rn(B, T, H).float()).bfloat16()]
+    return {"fla chunk_gsa": (gsa, lambda *a: chunk_gsa(*a)[0]),
+            "fla delta_rule": (delta, lambda *a: chunk_delta_rule(*a)[0])}
+
+
 def bench(device="cuda", Ts=(1024, 4096, 16384), pytorch_Ts=(1024, 4096, 16384), tokens=32768, H=8, d=64,
           m=64, C=64):
-    """fwd and fwd+bwd ms (median), tokens/s (fwd+bwd) and peak memory, bf16 inputs."""
+    """fwd and fwd+bwd ms (median), tokens/s (fwd+bwd) and peak memory above the inputs, bf16 inputs."""
     import torch.nn.functional as F
 
     import trellis as tr
 
     eps = dict(_model_eps(), phi="norm_silu", f="norm_silu")
-
     rows = []
     for T in Ts:
         B = tokens // T
-        ins = _inputs(B, T, H, d, d, m, torch.bfloat16, device)
-        leaves = [t.requires_grad_(True) for t in ins]
-        impls = {name: (lambda w, sw: lambda *a: trellis_op_triton(*a, chunk_size=C, sweeps=sw, num_warps=w,
-                                                                  **eps))(w, sw)
-                 for name, (w, sw) in KERNEL_VARIANTS.items()}
+        ins = [t.requires_grad_(True) for t in _inputs(B, T, H, d, d, m, torch.bfloat16, device)]
+        first = lambda fn: lambda *a: fn(*a)[0]  # noqa: E731  (the output o of (o, K, V))
+        impls = {name: (ins, first((lambda w, sw: lambda *a: trellis_op_triton(
+            *a, chunk_size=C, sweeps=sw, num_warps=w, precision="tf32", **eps))(w, sw)))
+            for name, (w, sw) in KERNEL_VARIANTS.items()}
         if T in pytorch_Ts:
-            impls["pytorch chunked"] = lambda *a: tr.trellis_op(*a, chunk_size=C, impl="chunked", **eps)
+            impls["pytorch chunked"] = (ins, first(lambda *a: tr.trellis_op(*a, chunk_size=C, impl="chunked", **eps)))
             if T == 1024:
-                impls["per-token loop"] = lambda *a: tr.trellis_op(*a, chunk_size=1, impl="loop", **eps)
-        qs, ks, vs = (torch.randn(B, H, T, d, device=device, dtype=torch.bfloat16, requires_grad=True)
-                      for _ in range(3))
-        for name, fn in list(impls.items()) + [("sdpa causal", None)]:
-            if fn is None:
-                fwd = lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)  # noqa: E731
-                o0 = fwd()
-                both = lambda: torch.autograd.grad(fwd(), (qs, ks, vs), o0)  # noqa: E731
-            else:
-                fwd = (lambda fn: lambda: fn(*leaves))(fn)
-                o0 = fwd()[0]
-                both = (lambda fwd, o0: lambda: torch.autograd.grad(fwd()[0], leaves, o0))(fwd, o0)
+                impls["per-token loop"] = (ins, first(lambda *a: tr.trellis_op(*a, chunk_size=1, impl="loop", **eps)))
+        sdpa = [torch.randn(B, H, T, d, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+        impls["sdpa causal"] = (sdpa, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        impls.update({n: ([t.requires_grad_(True) for t in leaves], fn)
+                      for n, (leaves, fn) in _fla_rows(B, T, H, d, m, device).items()})
+        for name, (leaves, fn) in impls.items():
+            fwd = (lambda fn, leaves: lambda: fn(*leaves))(fn, leaves)
+            o0 = fwd().detach()
+            both = (lambda fwd, leaves, o0: lambda: torch.autograd.grad(fwd(), leaves, o0))(fwd, leaves, o0)
             timer = _time_slow if name in ("pytorch chunked", "per-token loop") else _time
             with torch.no_grad():
                 t_f = timer(fwd)
@@ -731,7 +748,7 @@ def profile(device="cuda", T=16384, tokens=32768, H=8, d=64, m=64, C=64):
              "_state_bwd_kernel"]
     from torch.profiler import ProfilerActivity, profile as tprofile
 
-    eps = dict(_model_eps(), phi="norm_silu", f="norm_silu")
+    eps = dict(_model_eps(), phi="norm_silu", f="norm_silu", precision="tf32")
     for _ in range(2):
         o = trellis_op_triton(*ins, chunk_size=C, **eps)[0]
         torch.autograd.grad(o, ins, o)

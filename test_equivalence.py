@@ -1,14 +1,18 @@
 """Property tests: the forms of the Trellis operator agree, and the rest.
 
-Each test's docstring names the equation of ../shared/TRELLIS.md that it checks.
-Run: python -m pytest -q test_equivalence.py   (HYPOTHESIS_PROFILE=soak for a long run)
+The sections follow trellis.py: (1) phi's error codes and the delta rule, (2)-(3) the per-token
+loop and the chunked form with its refinement, (4) the operator's properties, (5) the model,
+(6) generation, then the Triton kernels (kernel.py) and the training script (train_tiny.py).
+Each test's docstring states the claim it checks.
+
+    python -m pytest -q test_equivalence.py                        # CPU; the kernels in Triton's interpreter
+    HYPOTHESIS_PROFILE=soak python -m pytest -q test_equivalence.py   # ten times the random examples
+    TRITON_INTERPRET=0 python -m pytest -q test_equivalence.py -k kernel   # GPU: the compiled kernels
 """
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
-
+import json
 import math
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -65,7 +69,7 @@ def draw_beta(gates, shape, g, dtype):
 
 def make_inputs(p, dtype=torch.float64, requires_grad=False):
     """q, k, v, alpha, beta, gamma, K0, V0 for problem p; write vectors L2-normalized and
-    scaled into (0.5, 1.2) so that gamma ||w||^2 < 2 (TRELLIS.md section 5)."""
+    scaled into (0.5, 1.2) so that gamma ||w||^2 < 2 (trellis.py, section 1)."""
     g = torch.Generator().manual_seed(p.seed)
     B, T, H = p.B, p.T, p.H
 
@@ -87,16 +91,19 @@ def make_inputs(p, dtype=torch.float64, requires_grad=False):
 
 
 NAMES = ["q", "k", "v", "alpha", "beta", "gamma", "K0", "V0"]
+
+
 GRAD_NAMES = ["dq", "dk", "dv", "dalpha", "dlogbeta", "dgamma", "dK0", "dV0"]
 
 
-def outputs_and_grads(ins, seed, **kw):
-    """(o, K, V) and the gradients of a random linear function of (o, K, V) w.r.t. every input."""
+def outputs_and_grads(ins, seed, op=None, **kw):
+    """(o, K, V) and the gradients of a random linear function of (o, K, V) w.r.t. every input,
+    through op (default trellis_op)."""
     ins = [t.detach().clone().requires_grad_(True) for t in ins]
-    outs = tr.trellis_op(*ins, **kw)
+    outs = (op or tr.trellis_op)(*ins, **kw)
     g = torch.Generator().manual_seed(seed + 1)
     # cotangents drawn in float64 and rounded to bf16: the same numbers in every dtype
-    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).bfloat16().to(o.dtype)).sum()
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).bfloat16().to(o.device, o.dtype)).sum()
                for o in outs)
     grads = list(torch.autograd.grad(loss, ins))
     # beta enters the chunked form as log beta, so d beta = d(log beta) / beta carries an
@@ -121,13 +128,13 @@ def assert_all_close(got, want, tol, names):
 
 
 # -----------------------------------------------------------------------------
-# 1. error codes (section 3)
+# 1. phi's error codes, and phi = identity is the delta rule
 
 
 @given(seed=st.integers(0, 2**31 - 1), m=st.integers(2, 9), scale=st.sampled_from([0.0, 0.1, 1.0, 10.0]),
        phi=st.sampled_from(PHIS))
 def test_error_code_equals_autograd(seed, m, scale, phi):
-    """Section 3: u = J_phi(z)^T (phi(z) - a) equals d/dz of 1/2 ||phi(z) - a||^2,
+    """u = J_phi(z)^T (phi(z) - a) equals d/dz of 1/2 ||phi(z) - a||^2,
     including z = 0 (scale 0), the zero-variance point of normalized SiLU."""
     g = torch.Generator().manual_seed(seed)
     z = (scale * torch.randn(3, m, generator=g, dtype=torch.float64)).requires_grad_(True)
@@ -140,7 +147,7 @@ def test_error_code_equals_autograd(seed, m, scale, phi):
 
 @given(seed=st.integers(0, 2**31 - 1), m=st.integers(2, 9))
 def test_f_forms_match_torch(seed, m):
-    """Section 4: f = LayerNorm(SiLU) matches torch's layer_norm; the L2 form points along
+    """f = LayerNorm(SiLU) matches torch's layer_norm; the L2 form points along
     SiLU(z) with norm at most 1 (its eps only matters when SiLU(z) is tiny)."""
     z = torch.randn(4, m, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     eps = tr.TrellisConfig().f_eps
@@ -151,55 +158,8 @@ def test_f_forms_match_torch(seed, m):
     assert (r.norm(dim=-1) <= 1).all()
 
 
-# -----------------------------------------------------------------------------
-# 2. chunked form == per-token loop at the same chunk size (section 6)
-
-
-@given(p=problems(), C=st.integers(1, 8), phi=st.sampled_from(PHIS), f=st.sampled_from(FS))
-def test_chunked_equals_loop_same_chunk_rule(p, C, phi, f):
-    """Section 6: the chunked matrix form equals the per-token loop with z_t from the
-    chunk-start state, for every C and T (partial last chunk): outputs, final states and
-    the gradients w.r.t. every input, initial states included."""
-    ins = make_inputs(p)
-    want, gwant = outputs_and_grads(ins, p.seed, phi=phi, f=f, chunk_size=C, impl="loop")
-    got, ggot = outputs_and_grads(ins, p.seed, phi=phi, f=f, chunk_size=C, impl="chunked")
-    assert_all_close(got, want, 1e-9, ["o", "K", "V"])
-    assert_all_close(ggot, gwant, 1e-8, GRAD_NAMES)
-
-
-# -----------------------------------------------------------------------------
-# 3. chunk_size = 1 and sweeps = C - 1 are the exact recurrence (section 6)
-
-
-@given(p=problems(), C=st.integers(1, 8), phi=st.sampled_from(PHIS))
-def test_exact_modes_equal_recurrence(p, C, phi):
-    """Section 6: with C - 1 refinement sweeps the chunked form is the exact per-token
-    recurrence (section 3) for every C; so is chunk_size = 1 in both forms."""
-    ins = make_inputs(p)
-    want, gwant = outputs_and_grads(ins, p.seed, phi=phi, chunk_size=1, impl="loop")
-    for kw in (dict(chunk_size=C, sweeps=C - 1), dict(chunk_size=C, sweeps=C + 3), dict(chunk_size=1)):
-        got, ggot = outputs_and_grads(ins, p.seed, phi=phi, impl="chunked", **kw)
-        assert_all_close(got, want, 1e-9, [f"{n} {kw}" for n in ("o", "K", "V")])
-        assert_all_close(ggot, gwant, 1e-8, [f"{n} {kw}" for n in GRAD_NAMES])
-
-
-@given(p=problems(max_T=12), phi=st.sampled_from(PHIS))
-def test_sweeps_make_rows_exact_one_at_a_time(p, phi):
-    """Section 6: after n sweeps the first n + 1 rows of a chunk are exact."""
-    ins = make_inputs(p)
-    C = p.T
-    exact = tr.trellis_op(*ins, phi=phi, chunk_size=1, impl="loop")[0]
-    for n in range(C):
-        got = tr.trellis_op(*ins, phi=phi, chunk_size=C, sweeps=n, impl="chunked")[0]
-        assert_close(got[:, : n + 1], exact[:, : n + 1], 1e-9, f"rows <= {n} after {n} sweeps")
-
-
-# -----------------------------------------------------------------------------
-# 4. phi = identity is the delta rule (section 5), against an independent loop
-
-
 def delta_rule_reference(q, k, v, alpha, beta, gamma, K0, V0, f):
-    """Written from section 5, independently of trellis.py: per (batch, head), explicit
+    """The (gated) delta rule written independently of trellis.py: per (batch, head), explicit
     matrices, S <- S (beta I - gamma w w^T) + gamma a w^T (beta = 1: the delta rule)."""
     B, T, H, _ = q.shape
     o = torch.zeros(B, T, H, v.shape[-1], dtype=q.dtype)
@@ -222,7 +182,7 @@ def delta_rule_reference(q, k, v, alpha, beta, gamma, K0, V0, f):
 
 @given(p=problems(max_T=12), f=st.sampled_from(FS), gated=st.booleans())
 def test_identity_phi_is_delta_rule(p, f, gated):
-    """Section 5: with phi = identity the exact recurrence is the delta rule
+    """With phi = identity the exact recurrence is the delta rule
     S <- S (I - gamma w w^T) + gamma a w^T (beta = 1), and its gated form with beta < 1."""
     q, k, v, alpha, beta, gamma, K0, V0 = make_inputs(p)
     if not gated:
@@ -234,13 +194,52 @@ def test_identity_phi_is_delta_rule(p, f, gated):
 
 
 # -----------------------------------------------------------------------------
-# 5. causality
+# 2-3. the per-token loop and the chunked form: the same function at every chunk size, exact with C - 1 sweeps
+
+
+@given(p=problems(), C=st.integers(1, 8), phi=st.sampled_from(PHIS), f=st.sampled_from(FS))
+def test_chunked_equals_loop_same_chunk_rule(p, C, phi, f):
+    """The chunked matrix form equals the per-token loop with z_t from the
+    chunk-start state, for every C and T (partial last chunk): outputs, final states and
+    the gradients w.r.t. every input, initial states included."""
+    ins = make_inputs(p)
+    want, gwant = outputs_and_grads(ins, p.seed, phi=phi, f=f, chunk_size=C, impl="loop")
+    got, ggot = outputs_and_grads(ins, p.seed, phi=phi, f=f, chunk_size=C, impl="chunked")
+    assert_all_close(got, want, 1e-9, ["o", "K", "V"])
+    assert_all_close(ggot, gwant, 1e-8, GRAD_NAMES)
+
+
+@given(p=problems(), C=st.integers(1, 8), phi=st.sampled_from(PHIS))
+def test_exact_modes_equal_recurrence(p, C, phi):
+    """With C - 1 refinement sweeps the chunked form is the exact per-token recurrence for
+    every C; so is chunk_size = 1 in both forms."""
+    ins = make_inputs(p)
+    want, gwant = outputs_and_grads(ins, p.seed, phi=phi, chunk_size=1, impl="loop")
+    for kw in (dict(chunk_size=C, sweeps=C - 1), dict(chunk_size=C, sweeps=C + 3), dict(chunk_size=1)):
+        got, ggot = outputs_and_grads(ins, p.seed, phi=phi, impl="chunked", **kw)
+        assert_all_close(got, want, 1e-9, [f"{n} {kw}" for n in ("o", "K", "V")])
+        assert_all_close(ggot, gwant, 1e-8, [f"{n} {kw}" for n in GRAD_NAMES])
+
+
+@given(p=problems(max_T=12), phi=st.sampled_from(PHIS))
+def test_sweeps_make_rows_exact_one_at_a_time(p, phi):
+    """After n sweeps the first n + 1 rows of a chunk are exact."""
+    ins = make_inputs(p)
+    C = p.T
+    exact = tr.trellis_op(*ins, phi=phi, chunk_size=1, impl="loop")[0]
+    for n in range(C):
+        got = tr.trellis_op(*ins, phi=phi, chunk_size=C, sweeps=n, impl="chunked")[0]
+        assert_close(got[:, : n + 1], exact[:, : n + 1], 1e-9, f"rows <= {n} after {n} sweeps")
+
+
+# -----------------------------------------------------------------------------
+# 4. the operator: causality, state carry, gradients, extremes, autocast, bad input
 
 
 @given(p=problems(), C=st.integers(1, 6), sweeps=st.integers(0, 5), phi=st.sampled_from(PHIS),
        t=st.integers(0, 19), impl=st.sampled_from(["loop", "chunked"]))
 def test_causality(p, C, sweeps, phi, t, impl):
-    """Sections 3 and 6: output t' < t does not depend on any input at time t."""
+    """Output t' < t does not depend on any input at time t."""
     t = t % p.T
     ins = make_inputs(p)
     kw = dict(phi=phi, chunk_size=C, sweeps=sweeps, impl=impl)
@@ -254,14 +253,10 @@ def test_causality(p, C, sweeps, phi, t, impl):
     assert not torch.equal(o1[:, t:], o2[:, t:])  # the perturbation does reach time t
 
 
-# -----------------------------------------------------------------------------
-# 6. state carry
-
-
 @given(p=problems(min_T=2), C=st.integers(1, 6), split=st.integers(0, 100), phi=st.sampled_from(PHIS),
        impl=st.sampled_from(["loop", "chunked"]))
 def test_state_carry(p, C, split, phi, impl):
-    """Sections 3 and 6: running [0, s) then [s, T) from the first call's final states equals
+    """Running [0, s) then [s, T) from the first call's final states equals
     one call: at any s in exact mode, at chunk boundaries s = jC for the chunk-start rule."""
     q, k, v, alpha, beta, gamma, K0, V0 = make_inputs(p)
 
@@ -283,23 +278,15 @@ def test_state_carry(p, C, split, phi, impl):
         check(dict(chunk_size=C), boundaries[split % len(boundaries)])
 
 
-# -----------------------------------------------------------------------------
-# 7. gradcheck
-
-
 @pytest.mark.parametrize("phi", PHIS)
 @pytest.mark.parametrize("impl,C,sweeps", [("loop", 1, 0), ("loop", 2, 0), ("chunked", 2, 0), ("chunked", 3, 1)])
 def test_gradcheck(phi, impl, C, sweeps):
-    """Section 7: the autograd gradients of both forms, through z in the error codes,
+    """The autograd gradients of both forms, through z in the error codes,
     agree with finite differences (float64)."""
     p = Problem(B=1, T=5, H=1, dk=2, dv=3, m=3, gates="uniform", zero_init=False, seed=3)
     ins = make_inputs(p, requires_grad=True)
     fn = lambda *a: tr.trellis_op(*a, phi=phi, chunk_size=C, sweeps=sweeps, impl=impl)  # noqa: E731
     assert torch.autograd.gradcheck(fn, ins, eps=1e-6, atol=1e-5, rtol=1e-4)
-
-
-# -----------------------------------------------------------------------------
-# 8. no NaN / Inf at the extremes
 
 
 def _finite_fwd_bwd(ins, **kw):
@@ -313,7 +300,7 @@ def _finite_fwd_bwd(ins, **kw):
 @pytest.mark.parametrize("impl", ["loop", "chunked"])
 @pytest.mark.parametrize("phi", PHIS)
 def test_finite_zero_memory_and_gate_extremes(impl, phi):
-    """Section 8: zero initial memory (z = 0: normalized SiLU at zero variance), beta -> 0
+    """Zero initial memory (z = 0: normalized SiLU at zero variance), beta -> 0
     (including 0 and sigmoid underflow), beta = 1, gamma at its ends, in float32."""
     p = Problem(B=2, T=37, H=2, dk=8, dv=8, m=8, gates="uniform", zero_init=True, seed=11)
     q, k, v, alpha, beta, gamma, K0, V0 = make_inputs(p, dtype=torch.float32)
@@ -325,7 +312,7 @@ def test_finite_zero_memory_and_gate_extremes(impl, phi):
 
 @pytest.mark.parametrize("phi", PHIS)
 def test_finite_long_context_float32(phi):
-    """Section 6: T = 4096 in float32, chunked form, nonzero memory: finite outputs and gradients,
+    """T = 4096 in float32, chunked form, nonzero memory: finite outputs and gradients,
     and the memory stays bounded (L2-normalized writes, gamma < 1: a contraction)."""
     p = Problem(B=1, T=4096, H=2, dk=16, dv=16, m=16, gates="near1", zero_init=False, seed=5)
     ins = make_inputs(p, dtype=torch.float32)
@@ -337,7 +324,7 @@ def test_finite_long_context_float32(phi):
 @pytest.mark.parametrize("impl", ["loop", "chunked"])
 @pytest.mark.parametrize("phi", PHIS)
 def test_finite_scaled_inputs(impl, phi):
-    """Sections 3 and 5: queries and slot codes x100 are harmless for every phi; writes x100
+    """Queries and slot codes x100 are harmless for every phi; writes x100
     are harmless for normalized SiLU, whose error code is bounded (identity and SiLU need
     gamma ||w||^2 < 2, which the layer guarantees by L2-normalizing k and v)."""
     p = Problem(B=1, T=50, H=2, dk=8, dv=8, m=8, gates="uniform", zero_init=False, seed=9)
@@ -347,8 +334,17 @@ def test_finite_scaled_inputs(impl, phi):
         _finite_fwd_bwd([q, 100 * k, 100 * v, alpha, beta, gamma, K0, V0], phi=phi, chunk_size=8, impl=impl)
 
 
-# -----------------------------------------------------------------------------
-# 9. bad input
+@pytest.mark.parametrize("impl,sweeps", [("loop", 0), ("chunked", 0), ("chunked", 7)])
+def test_operator_ignores_bf16_autocast(impl, sweeps):
+    """Memories and gate arithmetic stay float32 under a caller's bf16 autocast
+    (the operator's matmuls must not be downcast): same result as without autocast."""
+    p = Problem(B=1, T=40, H=2, dk=8, dv=8, m=8, gates="uniform", zero_init=False, seed=8)
+    ins = make_inputs(p, dtype=torch.float32)
+    want = tr.trellis_op(*ins, chunk_size=8, sweeps=sweeps, impl=impl)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = tr.trellis_op(*ins, chunk_size=8, sweeps=sweeps, impl=impl)
+    assert all(g.dtype == torch.float32 for g in got)
+    assert_all_close(got, want, 1e-6, ["o", "K", "V"])
 
 
 def _good():
@@ -391,13 +387,14 @@ def test_bad_tensor_raises(case):
     (dict(sweeps=-1), "sweeps must be"), (dict(impl="cuda"), "impl must be"),
 ])
 def test_bad_option_raises(kw, msg):
+    """Every option rule of trellis_op: a ValueError naming the option."""
     a = _good()
     with pytest.raises(ValueError, match=msg):
         tr.trellis_op(*[a[n] for n in NAMES], **kw)
 
 
 # -----------------------------------------------------------------------------
-# The language model (section 8)
+# 5. the layer and the language model
 
 
 def tiny_config(**kw):
@@ -409,61 +406,6 @@ def tiny_config(**kw):
 def tiny_model(seed=0, **kw):
     torch.manual_seed(seed)
     return tr.TrellisLM(tiny_config(**kw)).double().eval()
-
-
-def decode(model, prompt, new_tokens):
-    """Logits for prompt then new_tokens fed one at a time from the carried state."""
-    logits, _, state = model(prompt)
-    out = [logits]
-    for t in range(new_tokens.shape[1]):
-        logits, _, state = model(new_tokens[:, t:t + 1], state=state)
-        out.append(logits)
-    return torch.cat(out, 1), state
-
-
-@given(seed=st.integers(0, 2**31 - 1), P=st.integers(1, 11), N=st.integers(1, 6), C=st.integers(1, 5),
-       mixer=st.sampled_from(["trellis", "attention"]), phi=st.sampled_from(PHIS))
-def test_decode_equals_full_forward_exact(seed, P, N, C, mixer, phi):
-    """Section 8: prefill (chunked, exact with C - 1 sweeps) then per-token decoding from the
-    carried state gives the logits of one full forward pass; likewise for the KV cache."""
-    model = tiny_model(seed, mixer=mixer, phi=phi, chunk_size=C, sweeps=C - 1)
-    idx = torch.randint(0, 61, (2, P + N), generator=torch.Generator().manual_seed(seed))
-    full = model(idx)[0]
-    got, _ = decode(model, idx[:, :P], idx[:, P:])
-    assert_close(got, full, 1e-9, f"{mixer} logits")
-
-
-@given(seed=st.integers(0, 2**31 - 1), chunks=st.integers(1, 3), C=st.integers(2, 5), phi=st.sampled_from(PHIS))
-def test_decode_chunk_start_rule_at_chunk_boundary(seed, chunks, C, phi):
-    """Section 6/8: with the chunk-start rule, a prompt that ends on a chunk boundary leaves the
-    same state as the full pass, so the next decoded token's logits match the full pass."""
-    model = tiny_model(seed, phi=phi, chunk_size=C, sweeps=0)
-    P = chunks * C
-    idx = torch.randint(0, 61, (1, P + 1), generator=torch.Generator().manual_seed(seed))
-    full = model(idx)[0]
-    got, _ = decode(model, idx[:, :P], idx[:, P:])
-    assert_close(got, full, 1e-9, "logits")
-
-
-def test_generation_state_is_constant_size():
-    """Section 8: the Trellis state has the same size after 10 and after 1000 tokens (2 m d
-    numbers per head and layer, plus the short-conv caches); a KV cache grows."""
-    sizes = {}
-    for mixer in ("trellis", "attention"):
-        model = tiny_model(0, mixer=mixer).float()
-        idx = torch.randint(0, 61, (1, 1000))
-        _, _, state = model(idx[:, :1])
-        for t in range(1, 1000):
-            _, _, state = model(idx[:, t:t + 1], state=state)
-            if t + 1 in (10, 1000):
-                sizes[mixer, t + 1] = tr.state_numel(state)
-    cfg = tiny_config()
-    memories = cfg.n_layer * 2 * cfg.n_head * cfg.slots * (cfg.n_embd // cfg.n_head)
-    convs = cfg.n_layer * 2 * 3 * cfg.n_embd
-    assert sizes["trellis", 10] == sizes["trellis", 1000] == memories + convs
-    assert sizes["attention", 1000] == 100 * sizes["attention", 10]
-    out = tiny_model(0).float().generate(idx[:, :7], max_new_tokens=5, temperature=0.8, top_k=10)
-    assert out.shape == (1, 12) and torch.equal(out[:, :7], idx[:, :7])
 
 
 @pytest.mark.parametrize("kw", [dict(mixer="trellis"), dict(mixer="attention"), dict(mixer="trellis", phi="identity"),
@@ -494,6 +436,7 @@ def test_model_causality(seed, t, mixer, sweeps):
 
 
 def test_state_dict_round_trip():
+    """A saved state_dict loaded into another model reproduces the first model's logits exactly."""
     import io
 
     model = tiny_model(0)
@@ -519,16 +462,227 @@ def test_attention_baseline_parameter_count_matches():
     (dict(slots=0), "slots"), (dict(slots=-3), "slots"), (dict(phi="tanh"), "phi"), (dict(f="softmax"), "f"),
     (dict(n_embd=30, n_head=4), "n_embd"), (dict(mixer="mamba"), "mixer"), (dict(chunk_size=0), "chunk_size"),
     (dict(sweeps=-1), "sweeps"), (dict(beta_init=1.0), "beta_init"), (dict(impl="cuda"), "impl"),
-    (dict(n_layer=2.5), "n_layer"),
+    (dict(n_layer=2.5), "n_layer"), (dict(phi_eps=0.0), "phi_eps"), (dict(f_eps=-1.0), "f_eps"),
 ])
 def test_bad_config_raises(kw, field):
+    """Every TrellisConfig rule: a ValueError naming the field."""
     with pytest.raises(ValueError, match=rf"TrellisConfig\.{field}"):
         tr.TrellisConfig(**kw)
 
 
 def test_bad_token_input_raises():
+    """Float input to the model: a ValueError that says token ids are expected."""
     with pytest.raises(ValueError, match="idx must be"):
         tiny_model(0)(torch.randn(2, 5))
+
+
+# -----------------------------------------------------------------------------
+# 6. generation with a constant-size state
+
+
+def decode(model, prompt, new_tokens):
+    """Logits for prompt then new_tokens fed one at a time from the carried state."""
+    logits, _, state = model(prompt)
+    out = [logits]
+    for t in range(new_tokens.shape[1]):
+        logits, _, state = model(new_tokens[:, t:t + 1], state=state)
+        out.append(logits)
+    return torch.cat(out, 1), state
+
+
+@given(seed=st.integers(0, 2**31 - 1), P=st.integers(1, 11), N=st.integers(1, 6), C=st.integers(1, 5),
+       mixer=st.sampled_from(["trellis", "attention"]), phi=st.sampled_from(PHIS))
+def test_decode_equals_full_forward_exact(seed, P, N, C, mixer, phi):
+    """Prefill (chunked, exact with C - 1 sweeps) then per-token decoding from the
+    carried state gives the logits of one full forward pass; likewise for the KV cache."""
+    model = tiny_model(seed, mixer=mixer, phi=phi, chunk_size=C, sweeps=C - 1)
+    idx = torch.randint(0, 61, (2, P + N), generator=torch.Generator().manual_seed(seed))
+    full = model(idx)[0]
+    got, _ = decode(model, idx[:, :P], idx[:, P:])
+    assert_close(got, full, 1e-9, f"{mixer} logits")
+
+
+@given(seed=st.integers(0, 2**31 - 1), chunks=st.integers(1, 3), C=st.integers(2, 5), phi=st.sampled_from(PHIS))
+def test_decode_chunk_start_rule_at_chunk_boundary(seed, chunks, C, phi):
+    """With the chunk-start rule, a prompt that ends on a chunk boundary leaves the
+    same state as the full pass, so the next decoded token's logits match the full pass."""
+    model = tiny_model(seed, phi=phi, chunk_size=C, sweeps=0)
+    P = chunks * C
+    idx = torch.randint(0, 61, (1, P + 1), generator=torch.Generator().manual_seed(seed))
+    full = model(idx)[0]
+    got, _ = decode(model, idx[:, :P], idx[:, P:])
+    assert_close(got, full, 1e-9, "logits")
+
+
+def test_generation_state_is_constant_size():
+    """The Trellis state has the same size after 10 and after 1000 tokens (2 m d
+    numbers per head and layer, plus the short-conv caches); a KV cache grows."""
+    sizes = {}
+    for mixer in ("trellis", "attention"):
+        model = tiny_model(0, mixer=mixer).float()
+        idx = torch.randint(0, 61, (1, 1000))
+        _, _, state = model(idx[:, :1])
+        for t in range(1, 1000):
+            _, _, state = model(idx[:, t:t + 1], state=state)
+            if t + 1 in (10, 1000):
+                sizes[mixer, t + 1] = tr.state_numel(state)
+    cfg = tiny_config()
+    memories = cfg.n_layer * 2 * cfg.n_head * cfg.slots * (cfg.n_embd // cfg.n_head)
+    convs = cfg.n_layer * 2 * 3 * cfg.n_embd
+    assert sizes["trellis", 10] == sizes["trellis", 1000] == memories + convs
+    assert sizes["attention", 1000] == 100 * sizes["attention", 10]
+    out = tiny_model(0).float().generate(idx[:, :7], max_new_tokens=5, temperature=0.8, top_k=10)
+    assert out.shape == (1, 12) and torch.equal(out[:, :7], idx[:, :7])
+
+
+def test_decode_graph_refuses_what_it_cannot_capture():
+    """A CUDA graph needs CUDA tensors and a state of fixed shape (Trellis, not a KV cache)."""
+    for mixer in ("trellis", "attention"):
+        model = tiny_model(0, mixer=mixer).eval()
+        logits, _, state = model(torch.zeros(1, 3, dtype=torch.long))
+        with pytest.raises(ValueError, match="Trellis model and tensors on a CUDA device"):
+            tr.DecodeGraph(model, logits[:, -1:].argmax(-1), state)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(idx=torch.zeros(1, 0, dtype=torch.long)), "idx must be a non-empty"),
+    (dict(idx=torch.full((1, 3), 61)), r"token ids outside \[0, 61\)"),
+    (dict(idx=torch.full((1, 3), -1)), r"token ids outside"),
+    (dict(idx=torch.zeros(1, 3)), "idx must be a non-empty"),
+    (dict(max_new_tokens=-1), "max_new_tokens must be"),
+    (dict(temperature=0.0), "temperature must be"), (dict(temperature=float("nan")), "temperature must be"),
+    (dict(top_k=0), "top_k must be"), (dict(top_k=2.5), "top_k must be"),
+])
+def test_generate_refuses_bad_arguments(kw, msg):
+    """generate(): an empty prompt, ids outside the vocabulary, a negative length, a temperature
+    that is not positive, a top_k below 1: a ValueError that names the argument."""
+    args = dict(idx=torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2, temperature=1.0, top_k=None)
+    args.update(kw)
+    with pytest.raises(ValueError, match=msg):
+        tiny_model(0).generate(**args)
+
+
+# -----------------------------------------------------------------------------
+# kernel.py: the Triton kernels equal the PyTorch forms. In the CPU interpreter by default
+
+
+# (conftest.py sets TRITON_INTERPRET=1); compiled on the GPU with TRITON_INTERPRET=0.
+
+KERNEL_DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available() else "cpu"
+
+
+def kernel_op(*ins, phi="norm_silu", f="norm_silu", **kw):
+    """The Triton operator with IEEE fp32 dots (TF32 would round operands to 10 bits on a GPU;
+    the interpreter's fp32 dots are exact either way) and the model's epsilons."""
+    import kernel
+
+    cfg = tr.TrellisConfig()
+    return kernel.trellis_op_triton(*ins, phi=phi, f=f, phi_eps=cfg.phi_eps, f_eps=cfg.f_eps, precision="ieee", **kw)
+
+
+def on_kernel_device(ins):
+    return [t.to(KERNEL_DEVICE) for t in ins]
+
+
+def as_reference(ts):
+    """float64 copies on the CPU, for the PyTorch reference and for comparisons."""
+    return [t.detach().double().cpu() for t in ts]
+
+
+@given(p=problems(max_T=40, max_d=20), C=st.sampled_from([16, 32]), phi=st.sampled_from(PHIS),
+       f=st.sampled_from(FS))
+def test_kernel_equals_chunked_form(p, C, phi, f):
+    """The Triton forward and hand-written backward equal the float64 PyTorch chunked form on the
+    same inputs: outputs, final states and the gradients of every input, with odd d_k, d_v, m
+    (masked), T not a multiple of C, gates at extremes, nonzero initial states."""
+    ins = make_inputs(p, dtype=torch.float32)
+    want, gwant = outputs_and_grads(as_reference(ins), p.seed, phi=phi, f=f, chunk_size=C, impl="chunked")
+    got, ggot = outputs_and_grads(on_kernel_device(ins), p.seed, op=kernel_op, phi=phi, f=f, chunk_size=C)
+    assert_all_close(as_reference(got), want, 2e-4, ["o", "K", "V"])
+    assert_all_close(as_reference(ggot), gwant, 2e-4, GRAD_NAMES)
+
+
+@given(p=problems(max_T=40, max_d=20), C=st.sampled_from([16, 32]), extra=st.sampled_from([0, 5]),
+       phi=st.sampled_from(PHIS), f=st.sampled_from(FS))
+def test_kernel_exact_equals_recurrence(p, C, extra, phi, f):
+    """With sweeps >= C - 1 the kernel runs the exact recurrence (the fixed point solved inside
+    each chunk, and the transposed system in the backward): it equals the float64 per-token
+    loop, outputs, final states and every gradient."""
+    ins = make_inputs(p, dtype=torch.float32)
+    want, gwant = outputs_and_grads(as_reference(ins), p.seed, phi=phi, f=f, chunk_size=1, impl="loop")
+    got, ggot = outputs_and_grads(on_kernel_device(ins), p.seed, op=kernel_op, phi=phi, f=f, chunk_size=C,
+                                  sweeps=C - 1 + extra)
+    assert_all_close(as_reference(got), want, 2e-4, ["o", "K", "V"])
+    assert_all_close(as_reference(ggot), gwant, 2e-4, GRAD_NAMES)
+
+
+def test_kernel_finite_at_extremes():
+    """Zero memories (normalized SiLU at zero variance), beta = 0 and beta = 1 in the kernel:
+    finite outputs and gradients, equal to the float64 chunked form."""
+    p = Problem(B=1, T=40, H=2, dk=16, dv=16, m=16, gates="uniform", zero_init=True, seed=2)
+    q, k, v, alpha, beta, gamma, K0, V0 = make_inputs(p, dtype=torch.float32)
+    for b in (torch.zeros_like(beta), torch.ones_like(beta)):
+        ins = [q, k, v, alpha, b, gamma, K0, V0]
+        want, _ = outputs_and_grads(as_reference(ins), 0, chunk_size=16, impl="chunked")
+        got, ggot = outputs_and_grads(on_kernel_device(ins), 0, op=kernel_op, chunk_size=16)
+        assert all(torch.isfinite(g).all() for g in got + ggot)
+        assert_all_close(as_reference(got), want, 2e-4, ["o", "K", "V"])
+
+
+@pytest.mark.parametrize("phi", PHIS)
+def test_kernel_bf16_inputs(phi):
+    """bf16 q, k, v, alpha with fp32 memories: the kernel equals the float64 chunked form on
+    the same (bf16-rounded) inputs, bf16 results to bf16 rounding and fp32 ones to 2e-4."""
+    p = Problem(B=2, T=45, H=2, dk=16, dv=32, m=16, gates="mixed", zero_init=False, seed=4)
+    ins = make_inputs(p, dtype=torch.float32)
+    ins[:4] = [t.bfloat16() for t in ins[:4]]
+    want, gwant = outputs_and_grads(as_reference(ins), 4, phi=phi, chunk_size=16, impl="chunked")
+    got, ggot = outputs_and_grads(on_kernel_device(ins), 4, op=kernel_op, phi=phi, chunk_size=16)
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
+    for x, ref, n in zip(got + ggot, want + gwant, ["o", "K", "V"] + GRAD_NAMES):
+        assert_close(x.detach().double().cpu(), ref, 1e-2 if x.dtype == torch.bfloat16 else 2e-4, n)
+
+
+@pytest.mark.parametrize("sweeps", [0, 15])
+def test_model_with_kernel_equals_chunked(sweeps, monkeypatch):
+    """The model dispatches to the kernel with its real tensors (views, expanded initial
+    memories): the same logits and parameter gradients as the PyTorch chunked form, for the
+    chunk-start rule and the exact recurrence (kernel dots in IEEE fp32)."""
+    import kernel
+
+    monkeypatch.setattr(kernel, "DEFAULT_PRECISION", "ieee")
+    results = []
+    for impl in ("chunked", "kernel"):
+        torch.manual_seed(0)
+        model = tr.TrellisLM(tiny_config(n_embd=32, n_head=2, slots=16, chunk_size=16, sweeps=sweeps, impl=impl))
+        model = model.to(KERNEL_DEVICE)
+        idx = torch.randint(0, 61, (2, 37), generator=torch.Generator().manual_seed(1)).to(KERNEL_DEVICE)
+        logits, loss, _ = model(idx, targets=torch.roll(idx, -1, 1))
+        loss.backward()
+        results.append(as_reference([logits] + [p.grad for p in model.parameters()]))
+    names = ["logits"] + [n for n, _ in model.named_parameters()]
+    assert_all_close(results[1], results[0], 1e-4, names)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(sweeps=1), "sweeps=1 is not supported"), (dict(chunk_size=8), "chunk_size must be 16, 32 or 64"),
+    (dict(chunk_size=48), "chunk_size must be"),
+])
+def test_kernel_unsupported_options_raise(kw, msg):
+    """Options outside the kernel's design (partial sweeps, other chunk sizes): a ValueError that says which."""
+    a = _good()
+    with pytest.raises(ValueError, match="kernel: " + msg):
+        tr.trellis_op(*[a[n] for n in NAMES], impl="kernel", **{"chunk_size": 16, **kw})
+
+
+def test_kernel_unsupported_inputs_raise():
+    """float64 inputs and feature sizes over 128: a ValueError that says which."""
+    a = _good()
+    with pytest.raises(ValueError, match="kernel: float64"):
+        tr.trellis_op(*[a[n].double() for n in NAMES], impl="kernel", chunk_size=16)
+    p = Problem(B=1, T=3, H=1, dk=130, dv=4, m=4, gates="uniform", zero_init=False, seed=0)
+    with pytest.raises(ValueError, match="kernel: d_k=130"):
+        tr.trellis_op(*make_inputs(p, dtype=torch.float32), impl="kernel", chunk_size=16)
 
 
 # -----------------------------------------------------------------------------
@@ -536,11 +690,10 @@ def test_bad_token_input_raises():
 
 
 def _text_file(tmp_path):
-    """The shared tiny Shakespeare when it is beside the checkout (CI), else a made-up text."""
-    for path in (os.environ.get("TRELLIS_DATA"), os.path.join(os.path.dirname(__file__), "..", "shared", "data",
-                                                                 "tinyshakespeare.txt")):
-        if path and os.path.isfile(path):
-            return path
+    """$TRELLIS_DATA (tiny Shakespeare in CI) when set, else a made-up text."""
+    path = os.environ.get("TRELLIS_DATA")
+    if path and os.path.isfile(path):
+        return path
     path = tmp_path / "text.txt"
     path.write_text("".join(f"LINE {i % 17}: the quick brown fox jumps over the lazy dog.\n" for i in range(3000)))
     return str(path)
@@ -553,12 +706,28 @@ def _train_argv(tmp_path, *extra):
             "--eval-iters", "4", "--sample-tokens", "20", "--lr", "3e-3", "--warmup-iters", "5", *extra]
 
 
-def test_train_tiny_runs_and_resumes(tmp_path, monkeypatch):
-    """A few iterations end to end: the loss goes down, a checkpoint is written, --resume continues
-    (and refuses a checkpoint trained with other values of trellis.py's module constants)."""
+def _run(tmp_path, *extra):
     import train_tiny
 
-    first = train_tiny.train(train_tiny.parse_args(_train_argv(tmp_path, "--max-iters", "40", "--eval-interval", "20")))
+    return train_tiny.main(_train_argv(tmp_path, *extra))
+
+
+def _exit(capsys, fn, *a):
+    """Run fn(*a), which must stop with SystemExit: (exit code, what it printed on stderr)."""
+    with pytest.raises(SystemExit) as e:
+        fn(*a)
+    return e.value.code, capsys.readouterr().err
+
+
+def _files(folder):
+    """name -> bytes of every file in folder (to show that nothing was written)."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())} if folder.exists() else {}
+
+
+def test_train_tiny_runs_and_resumes(tmp_path):
+    """A few iterations end to end: the loss goes down, ckpt.pt and best.pt are written, and
+    --resume continues with summary.json holding the whole history."""
+    first = _run(tmp_path, "--max-iters", "40", "--eval-interval", "20")
     vals = [h["val"] for h in first["history"]]
     assert [h["iter"] for h in first["history"]] == [0, 20, 40]
     assert vals[-1] < vals[0] - 0.3, vals  # from ~ln(65) = 4.2 toward the character statistics
@@ -568,57 +737,216 @@ def test_train_tiny_runs_and_resumes(tmp_path, monkeypatch):
     assert best["best_val_loss"] == min(vals) and best["iter_num"] == 20 * vals.index(min(vals))
     assert len(first["sample"]) > 0
 
-    second = train_tiny.train(train_tiny.parse_args(
-        _train_argv(tmp_path, "--max-iters", "50", "--eval-interval", "20", "--resume")))
-    assert [h["iter"] for h in second["history"]] == [50]
+    second = _run(tmp_path, "--max-iters", "50", "--resume")
+    assert [h["iter"] for h in second["history"]] == [0, 20, 40, 50]  # eval interval kept from the checkpoint
     assert second["best_val_loss"] <= first["best_val_loss"]
-    assert torch.load(ckpt_path, weights_only=False)["iter_num"] == 50
+    summary = json.load(open(tmp_path / "out" / "summary.json"))
+    assert [h["iter"] for h in summary["history"]] == [0, 20, 40, 50] and summary["train_tokens_per_s"] > 0
 
 
+def test_train_tiny_resume_of_a_finished_run_keeps_its_summary(tmp_path):
+    """--resume of a finished run trains nothing and keeps the history and the throughput."""
+    first = _run(tmp_path, "--max-iters", "20", "--eval-interval", "10", "--sample-tokens", "0")
+    again = _run(tmp_path, "--resume", "--sample-tokens", "0")
+    assert again["history"] == first["history"] and again["iters"] == 20
+    assert again["train_tokens_per_s"] == pytest.approx(first["train_tokens_per_s"])
 
-def test_bench_decode_state_sizes(tmp_path):
-    """--bench-decode: the Trellis state is the same size at every context; the KV cache
-    grows by exactly one token per position."""
+
+@pytest.mark.parametrize("flag", [["--n-layer", "2"], ["--n-embd", "64"], ["--tokenizer", "gpt2"], ["--slots", "4"],
+                                  ["--phi", "identity"], ["--mixer", "attention"], ["--no-forget-gate"]])
+def test_train_tiny_resume_refuses_conflicting_model_flags(tmp_path, capsys, flag):
+    """The checkpoint's model and tokenizer are authoritative: a flag that differs is refused with
+    one line naming it, exit code 2, and no file is touched."""
+    _run(tmp_path, "--max-iters", "10", "--eval-interval", "10", "--sample-tokens", "0")
+    before = _files(tmp_path / "out")
+    code, err = _exit(capsys, _run, tmp_path, "--resume", *flag)
+    assert code == 2 and err.count("\n") == 1 and flag[0] in err and "Traceback" not in err
+    assert _files(tmp_path / "out") == before
+
+
+def test_train_tiny_resume_refuses_other_data(tmp_path, capsys):
+    """A checkpoint trained on one text is not resumed on another."""
+    _run(tmp_path, "--max-iters", "10", "--eval-interval", "10", "--sample-tokens", "0")
+    other = tmp_path / "other.txt"
+    other.write_text("".join(f"another text, line {i}\n" for i in range(3000)))
+    before = _files(tmp_path / "out")
+    argv = _train_argv(tmp_path, "--resume")
+    argv[argv.index("--data") + 1] = str(other)
     import train_tiny
 
-    args = train_tiny.parse_args(_train_argv(tmp_path, "--bench-decode", "--contexts", "8,40"))
-    rows = train_tiny.bench_decode(args, steps=2, rounds=2)
-    size = {(mixer, T): nbytes for mixer, T, ms, nbytes, numel in rows}
-    assert all(ms > 0 for _, _, ms, _, _ in rows) and len(rows) == 4
-    assert size["trellis", 8] == size["trellis", 40]
-    n_layer, n_embd = args.n_layer, args.n_embd
-    per_token = 2 * n_layer * n_embd * 4  # k and v, float32 on the CPU
-    assert size["attention", 40] - size["attention", 8] == (40 - 8) * per_token
+    code, err = _exit(capsys, train_tiny.main, argv)
+    assert code == 2 and "is not the one" in err and err.count("\n") == 1
+    assert _files(tmp_path / "out") == before
 
 
-def test_decode_graph_refuses_what_it_cannot_capture():
-    """A CUDA graph needs CUDA tensors and a state of fixed shape (Trellis, not a KV cache)."""
-    for mixer in ("trellis", "attention"):
-        model = tiny_model(0, mixer=mixer).eval()
-        logits, _, state = model(torch.zeros(1, 3, dtype=torch.long))
-        with pytest.raises(ValueError, match="Trellis model and tensors on a CUDA device"):
-            tr.DecodeGraph(model, logits[:, -1:].argmax(-1), state)
+def test_train_tiny_resume_reports_changed_loop_flags(tmp_path, capsys):
+    """Loop settings may change on --resume, and the run says which ones did."""
+    _run(tmp_path, "--max-iters", "10", "--eval-interval", "10", "--sample-tokens", "0")
+    capsys.readouterr()
+    out = _run(tmp_path, "--resume", "--max-iters", "20", "--lr", "1e-3")
+    printed = capsys.readouterr().out
+    assert "resume: changed --max-iters 10 -> 20" in printed and "resume: changed --lr 0.003 -> 0.001" in printed
+    assert out["iters"] == 20
+
+
+def test_train_tiny_fresh_run_does_not_overwrite_a_checkpoint(tmp_path, capsys):
+    """A new run into a folder that holds a checkpoint is refused (--resume or --overwrite)."""
+    _run(tmp_path, "--max-iters", "10", "--eval-interval", "10", "--sample-tokens", "0")
+    before = _files(tmp_path / "out")
+    code, err = _exit(capsys, _run, tmp_path, "--max-iters", "10")
+    assert code == 2 and "--resume" in err and _files(tmp_path / "out") == before
+
+
+def _damage(path, how):
+    data = bytearray(path.read_bytes())
+    if how == "overwritten":  # 4 KB of noise in the middle
+        mid = len(data) // 2
+        data[mid:mid + 4096] = bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).tolist())
+        path.write_bytes(bytes(data))
+    elif how == "truncated":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    else:  # a well-formed file whose weights are NaN
+        ckpt = torch.load(path, weights_only=False)
+        next(iter(ckpt["model"].values())).fill_(float("nan"))
+        torch.save(ckpt, path)
+
+
+@pytest.mark.parametrize("how", ["overwritten", "truncated", "nan weights"])
+def test_train_tiny_damaged_checkpoint_is_named(tmp_path, capsys, how):
+    """A damaged checkpoint is named in one line that points at best.pt, with no traceback, and
+    no file is written; resuming from best.pt then works."""
+    _run(tmp_path, "--max-iters", "20", "--eval-interval", "10", "--sample-tokens", "0")
+    ckpt = tmp_path / "out" / "ckpt.pt"
+    _damage(ckpt, how)
+    before = _files(tmp_path / "out")
+    code, err = _exit(capsys, _run, tmp_path, "--resume")
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"checkpoint {ckpt} is damaged" in err and "--resume " + str(tmp_path / "out" / "best.pt") in err
+    assert _files(tmp_path / "out") == before
+    out = _run(tmp_path, "--resume", str(tmp_path / "out" / "best.pt"), "--max-iters", "30", "--sample-tokens", "0")
+    assert out["iters"] == 30
+
+
+def test_train_tiny_ctrl_c_saves_and_resume_keeps_history(tmp_path, monkeypatch):
+    """Ctrl-C saves the checkpoint (exit code 130); the resumed run's summary holds the
+    evaluations from before the interrupt too."""
+    import train_tiny
+
+    real_get_batch, calls = train_tiny.get_batch, [0]
+
+    def interrupted(data, args, gen):
+        calls[0] += 1
+        if calls[0] == 2 * 4 + 10 + 2 * 4 + 3:  # evals at 0 and 10 (4 batches per split), then 12 steps
+            raise KeyboardInterrupt
+        return real_get_batch(data, args, gen)
+
+    monkeypatch.setattr(train_tiny, "get_batch", interrupted)
+    with pytest.raises(SystemExit) as e:
+        _run(tmp_path, "--max-iters", "30", "--eval-interval", "10", "--sample-tokens", "0")
+    assert e.value.code == 130
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)["iter_num"] == 12
+    monkeypatch.setattr(train_tiny, "get_batch", real_get_batch)
+    out = _run(tmp_path, "--resume")
+    assert [h["iter"] for h in out["history"]] == [0, 10, 20, 30]
+
+
+def test_train_tiny_interrupted_evaluation_is_redone(tmp_path, monkeypatch):
+    """Ctrl-C during an evaluation: the resumed run makes that evaluation (best.pt sees it)."""
+    import train_tiny
+
+    real_estimate, calls = train_tiny.estimate_loss, [0]
+
+    def interrupted(*a, **kw):
+        calls[0] += 1
+        if calls[0] == 2:  # the evaluation at iter 10
+            raise KeyboardInterrupt
+        return real_estimate(*a, **kw)
+
+    monkeypatch.setattr(train_tiny, "estimate_loss", interrupted)
+    with pytest.raises(SystemExit):
+        _run(tmp_path, "--max-iters", "20", "--eval-interval", "10", "--sample-tokens", "0")
+    assert [h["iter"] for h in json.load(open(tmp_path / "out" / "summary.json"))["history"]] == [0]
+    monkeypatch.setattr(train_tiny, "estimate_loss", real_estimate)
+    out = _run(tmp_path, "--resume")
+    assert [h["iter"] for h in out["history"]] == [0, 10, 20]
+
+
+BAD_CLI = [
+    ["--block-size", "0"], ["--batch-size", "-1"], ["--eval-interval", "0"], ["--log-interval", "0"],
+    ["--device", "gpu"], ["--n-embd", "100", "--n-head", "3"], ["--slots", "0"], ["--chunk-size", "0"],
+    ["--sweeps", "-1"], ["--gamma-max", "-1"], ["--lr", "nan"], ["--eval-iters", "0"], ["--max-iters", "ten"],
+    ["--mixer", "mamba"], ["--dropout", "1.5"], ["--patience", "-1"], ["--eval-contexts", "256,x"],
+    ["--data", "/no/such/file.txt"], ["--data", "EMPTY"], ["--recall-pairs", "0"],
+]
+
+
+@pytest.mark.parametrize("flags", BAD_CLI, ids=lambda f: " ".join(f))
+def test_train_tiny_bad_value_is_one_line_and_writes_nothing(tmp_path, capsys, flags):
+    """Every command-line value is checked first: a bad one gets one line naming it, exit code 2,
+    no traceback, and nothing is written (no output folder, no token cache)."""
+    import train_tiny
+
+    if "EMPTY" in flags:
+        (tmp_path / "empty.txt").write_text("")
+        flags = ["--data", str(tmp_path / "empty.txt")]
+    code, err = _exit(capsys, train_tiny.main, _train_argv(tmp_path, "--max-iters", "5", *flags))
+    assert code == 2 and err.count("\n") == 1 and err.startswith("train_tiny.py: error:"), err
+    assert flags[0].lstrip("-").split("-")[0] in err or "argument" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_train_tiny_help_shows_defaults_per_device(capsys):
+    """--help shows the defaults on cuda and on cpu of the flags that depend on the device."""
+    import train_tiny
+
+    with pytest.raises(SystemExit) as e:
+        train_tiny.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0 and "(default: 1500 on cuda, 100 on cpu)" in text and "(default: 16 on cuda, 4 on cpu)" in text
+
+
+def test_train_tiny_stops_early_and_ends_at_its_best(tmp_path, monkeypatch, capsys):
+    """With --patience, the run stops after that many evaluations without a better val loss; the
+    sample and the final model come from the best weights; the last lines name the files."""
+    import train_tiny
+
+    scripted, real = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8]), train_tiny.estimate_loss
+    seen = {}
+
+    def fake(model, split, args, ctx):
+        val = next(scripted)
+        if val == 2.0:  # remember the weights that the best evaluation saw
+            seen["best"] = {k: t.clone() for k, t in model.state_dict().items()}
+        return dict(train=val, val=val)
+
+    def sample_from(self, idx, *a, **kw):
+        seen["sampled"] = {k: t.clone() for k, t in self.state_dict().items()}
+        return idx
+
+    monkeypatch.setattr(train_tiny, "estimate_loss", fake)
+    monkeypatch.setattr(tr.TrellisLM, "generate", sample_from)
+    out = _run(tmp_path, "--max-iters", "50", "--eval-interval", "5", "--patience", "2")
+    assert out["stopped_early"] and out["iters"] == 15 and out["best_iter"] == 5
+    assert all(torch.equal(seen["sampled"][k], t) for k, t in seen["best"].items())
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert all(str(tmp_path / "out" / n) in last for n in ("ckpt.pt", "best.pt", "summary.json"))
 
 
 def test_train_tiny_gpt2_tokenizer_offline(tmp_path):
     """GPT-2 BPE through tiktoken's cached ranks (TIKTOKEN_CACHE_DIR), token ids cached as uint16."""
-    import train_tiny
-
-    if "TIKTOKEN_CACHE_DIR" not in os.environ:
-        os.environ["TIKTOKEN_CACHE_DIR"] = os.path.join(os.path.dirname(__file__), "..", "shared", "data",
-                                                        "tiktoken_cache")
     argv = _train_argv(tmp_path, "--max-iters", "2", "--eval-interval", "2", "--eval-iters", "1",
                        "--sample-tokens", "3")
     argv[argv.index("char")] = "gpt2"
-    out = train_tiny.train(train_tiny.parse_args(argv))
+    import train_tiny
+
+    out = train_tiny.main(argv)
     assert math.isfinite(out["best_val_loss"])
     cached = list((tmp_path / "cache").glob("tokens-*-gpt2/train.bin"))
     assert len(cached) == 1 and cached[0].stat().st_size % 2 == 0
 
 
-def test_train_tiny_stops_on_nonfinite_loss_and_keeps_checkpoint(tmp_path, monkeypatch):
-    import train_tiny
-
+def test_train_tiny_stops_on_nonfinite_loss_and_keeps_checkpoint(tmp_path, monkeypatch, capsys):
+    """A NaN loss stops the run without writing; the message points at the untouched checkpoint."""
     real_forward, calls = tr.TrellisLM.forward, [0]
 
     def poisoned(self, idx, targets=None, state=None):
@@ -630,8 +958,8 @@ def test_train_tiny_stops_on_nonfinite_loss_and_keeps_checkpoint(tmp_path, monke
         return logits, loss, st_
 
     monkeypatch.setattr(tr.TrellisLM, "forward", poisoned)
-    with pytest.raises(SystemExit, match="non-finite loss"):
-        train_tiny.train(train_tiny.parse_args(_train_argv(tmp_path, "--max-iters", "30", "--eval-interval", "10")))
+    code, err = _exit(capsys, _run, tmp_path, "--max-iters", "30", "--eval-interval", "10")
+    assert code == 1 and "non-finite loss" in err and "untouched" in err
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)
     assert ckpt["iter_num"] == 10 and all(torch.isfinite(p).all() for p in ckpt["model"].values())
 
@@ -649,11 +977,9 @@ class _InfGrad(torch.autograd.Function):
 
 
 @pytest.mark.parametrize("bad_calls,stops", [({13, 14}, False), (set(range(13, 100)), True)])
-def test_train_tiny_skips_nonfinite_gradients(tmp_path, monkeypatch, bad_calls, stops):
+def test_train_tiny_skips_nonfinite_gradients(tmp_path, monkeypatch, capsys, bad_calls, stops):
     """A finite loss with an overflowed gradient skips that update (the weights stay finite);
     ten in a row stop the run with the checkpoint intact."""
-    import train_tiny
-
     real_forward, calls = tr.TrellisLM.forward, [0]
 
     def poisoned(self, idx, targets=None, state=None):
@@ -665,167 +991,126 @@ def test_train_tiny_skips_nonfinite_gradients(tmp_path, monkeypatch, bad_calls, 
         return logits, loss, st_
 
     monkeypatch.setattr(tr.TrellisLM, "forward", poisoned)
-    args = train_tiny.parse_args(_train_argv(tmp_path, "--max-iters", "30", "--eval-interval", "10",
-                                             "--sample-tokens", "0"))
+    argv = ("--max-iters", "30", "--eval-interval", "10", "--sample-tokens", "0")
     if stops:
-        with pytest.raises(SystemExit, match="10 non-finite gradients in a row"):
-            train_tiny.train(args)
+        code, err = _exit(capsys, _run, tmp_path, *argv)
+        assert code == 1 and "10 non-finite gradients in a row" in err
         ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)
         assert ckpt["iter_num"] == 20 and all(torch.isfinite(p).all() for p in ckpt["model"].values())
     else:
-        out = train_tiny.train(args)
+        out = _run(tmp_path, *argv)
         assert out["skipped_updates"] == 2 and out["iters"] == 30
         ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)
         assert all(torch.isfinite(p).all() for p in ckpt["model"].values())
 
 
-def test_train_tiny_ctrl_c_saves(tmp_path, monkeypatch):
+def test_train_tiny_failed_download_says_how_to_fix(tmp_path, capsys):
+    """No network: one line that says to pass --data."""
     import train_tiny
 
-    real_get_batch, calls = train_tiny.get_batch, [0]
-
-    def interrupted(data, args, gen):
-        calls[0] += 1
-        if calls[0] == 8 + 4:  # 4 eval batches per split at iter 0, then 7 training batches
-            raise KeyboardInterrupt
-        return real_get_batch(data, args, gen)
-
-    monkeypatch.setattr(train_tiny, "get_batch", interrupted)
-    with pytest.raises(SystemExit) as e:
-        train_tiny.train(train_tiny.parse_args(_train_argv(tmp_path, "--max-iters", "30", "--eval-interval", "20")))
-    assert e.value.code == 130
-    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)["iter_num"] == 3
-
-
-@pytest.mark.parametrize("extra,msg", [(["--data", "/no/such/file.txt"], "no such file"),
-                                       (["--data-url", "http://127.0.0.1:9/input.txt"], "could not download")])
-def test_train_tiny_missing_data_says_how_to_fix(tmp_path, extra, msg):
-    import train_tiny
-
-    argv = _train_argv(tmp_path) + extra
-    if "--data-url" in extra:  # no local file: the download is tried and refused
-        i = argv.index("--data")
-        del argv[i:i + 2]
-        argv += ["--data", ""]
-    with pytest.raises(SystemExit, match=msg) as e:
-        train_tiny.train(train_tiny.parse_args(argv))
-    assert "--data" in str(e.value.code)
-
-
-# -----------------------------------------------------------------------------
-# kernel.py: the Triton kernel equals the PyTorch chunked form (CPU: TRITON_INTERPRET=1)
-
-
-def _as64(ins):
-    return [t.detach().double() for t in ins]
-
-
-@given(p=problems(max_T=40, max_d=20), C=st.sampled_from([16, 32]), phi=st.sampled_from(PHIS),
-       f=st.sampled_from(FS))
-def test_kernel_equals_chunked_form(p, C, phi, f):
-    """Sections 6-7: the Triton forward and hand-written backward equal the PyTorch chunked form
-    (float64 reference on the same inputs): outputs, final states, gradients of every input,
-    with odd d_k, d_v, m (masked), T not a multiple of C, gates at extremes, nonzero states."""
-    ins = make_inputs(p, dtype=torch.float32)
-    want, gwant = outputs_and_grads(_as64(ins), p.seed, phi=phi, f=f, chunk_size=C, impl="chunked")
-    got, ggot = outputs_and_grads(ins, p.seed, phi=phi, f=f, chunk_size=C, impl="kernel")
-    assert_all_close([g.double() for g in got], want, 2e-4, ["o", "K", "V"])
-    assert_all_close([g.double() for g in ggot], gwant, 2e-4, GRAD_NAMES)
-
-
-@given(p=problems(max_T=40, max_d=20), C=st.sampled_from([16, 32]), extra=st.sampled_from([0, 5]),
-       phi=st.sampled_from(PHIS), f=st.sampled_from(FS))
-def test_kernel_exact_equals_recurrence(p, C, extra, phi, f):
-    """Section 6: with sweeps >= C - 1 the kernel runs the exact per-token recurrence (row by
-    row inside each chunk, and the transposed solve in the backward): it equals the float64
-    per-token loop, outputs, final states and every gradient."""
-    ins = make_inputs(p, dtype=torch.float32)
-    want, gwant = outputs_and_grads(_as64(ins), p.seed, phi=phi, f=f, chunk_size=1, impl="loop")
-    got, ggot = outputs_and_grads(ins, p.seed, phi=phi, f=f, chunk_size=C, sweeps=C - 1 + extra, impl="kernel")
-    assert_all_close([g.double() for g in got], want, 2e-4, ["o", "K", "V"])
-    assert_all_close([g.double() for g in ggot], gwant, 2e-4, GRAD_NAMES)
-
-
-@pytest.mark.parametrize("phi", PHIS)
-def test_kernel_bf16_inputs(phi):
-    """bf16 q, k, v, alpha with fp32 memories: the kernel equals the float64 chunked form on
-    the same (bf16-rounded) inputs to bf16 output rounding."""
-    p = Problem(B=2, T=45, H=2, dk=16, dv=32, m=16, gates="mixed", zero_init=False, seed=4)
-    ins = make_inputs(p, dtype=torch.float32)
-    ins[:4] = [t.bfloat16() for t in ins[:4]]
-    want, gwant = outputs_and_grads(_as64(ins), 4, phi=phi, chunk_size=16, impl="chunked")
-    got, ggot = outputs_and_grads(ins, 4, phi=phi, chunk_size=16, impl="kernel")
-    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
-    # bf16 tensors (o and the gradients of the bf16 inputs) to bf16 rounding (2^-8), fp32 ones to 2e-4
-    for a, b, n in zip(got + ggot, want + gwant, ["o", "K", "V"] + GRAD_NAMES):
-        assert_close(a.double(), b, 1e-2 if a.dtype == torch.bfloat16 else 2e-4, n)
-
-
-def test_kernel_finite_at_extremes():
-    """Zero memories (normalized SiLU at zero variance), beta = 0 and 1, in the kernel."""
-    p = Problem(B=1, T=40, H=2, dk=16, dv=16, m=16, gates="uniform", zero_init=True, seed=2)
-    q, k, v, alpha, beta, gamma, K0, V0 = make_inputs(p, dtype=torch.float32)
-    for b in (torch.zeros_like(beta), torch.ones_like(beta)):
-        ins = [q, k, v, alpha, b, gamma, K0, V0]
-        want, _ = outputs_and_grads(_as64(ins), 0, chunk_size=16, impl="chunked")
-        got, ggot = outputs_and_grads(ins, 0, chunk_size=16, impl="kernel")
-        assert all(torch.isfinite(g).all() for g in got + ggot)
-        assert_all_close([g.double() for g in got], want, 2e-4, ["o", "K", "V"])
-
-
-@pytest.mark.parametrize("kw,msg", [
-    (dict(sweeps=1), "sweeps=1 is not supported"), (dict(chunk_size=8), "chunk_size must be 16, 32 or 64"),
-    (dict(chunk_size=48), "chunk_size must be"),
-])
-def test_kernel_unsupported_options_raise(kw, msg):
-    a = _good()
-    with pytest.raises(ValueError, match="kernel: " + msg):
-        tr.trellis_op(*[a[n] for n in NAMES], impl="kernel", **{"chunk_size": 16, **kw})
-
-
-def test_kernel_unsupported_inputs_raise():
-    a = _good()
-    with pytest.raises(ValueError, match="kernel: float64"):
-        tr.trellis_op(*[a[n].double() for n in NAMES], impl="kernel", chunk_size=16)
-    p = Problem(B=1, T=3, H=1, dk=130, dv=4, m=4, gates="uniform", zero_init=False, seed=0)
-    with pytest.raises(ValueError, match="kernel: d_k=130"):
-        tr.trellis_op(*make_inputs(p, dtype=torch.float32), impl="kernel", chunk_size=16)
-
-
-@pytest.mark.parametrize("sweeps", [0, 15])
-def test_model_with_kernel_equals_chunked(sweeps):
-    """The model dispatches to the kernel with its real tensors (views, expanded initial
-    memories): same logits and parameter gradients as the PyTorch chunked form, for the
-    chunk-start rule and the exact recurrence."""
-    results = []
-    for impl in ("chunked", "kernel"):
-        torch.manual_seed(0)
-        model = tr.TrellisLM(tiny_config(n_embd=32, n_head=2, slots=16, chunk_size=16, sweeps=sweeps, impl=impl))
-        idx = torch.randint(0, 61, (2, 37), generator=torch.Generator().manual_seed(1))
-        logits, loss, _ = model(idx, targets=torch.roll(idx, -1, 1))
-        loss.backward()
-        results.append([logits.detach()] + [p.grad for p in model.parameters()])
-    names = ["logits"] + [n for n, _ in model.named_parameters()]
-    assert_all_close(results[1], results[0], 1e-4, names)
+    argv = _train_argv(tmp_path, "--data-url", "http://127.0.0.1:9/input.txt")
+    argv[argv.index("--data") + 1] = ""
+    code, err = _exit(capsys, train_tiny.main, argv)
+    assert code == 1 and "could not download" in err and "--data" in err and err.count("\n") == 1
 
 
 def test_train_tiny_eval_exact(tmp_path):
     """--eval-exact reports the trained chunk-start model's val loss under the exact recurrence."""
-    import train_tiny
-
-    out = train_tiny.train(train_tiny.parse_args(
-        _train_argv(tmp_path, "--max-iters", "4", "--eval-interval", "4", "--sample-tokens", "0", "--eval-exact")))
+    out = _run(tmp_path, "--max-iters", "4", "--eval-interval", "4", "--sample-tokens", "0", "--eval-exact")
     assert math.isfinite(out["val_loss_exact"]) and out["val_loss_exact"] != out["history"][-1]["val"]
 
 
-@pytest.mark.parametrize("impl,sweeps", [("loop", 0), ("chunked", 0), ("chunked", 7)])
-def test_operator_ignores_bf16_autocast(impl, sweeps):
-    """Section 7: memories and gate arithmetic stay float32 under a caller's bf16 autocast
-    (the operator's matmuls must not be downcast): same result as without autocast."""
-    p = Problem(B=1, T=40, H=2, dk=8, dv=8, m=8, gates="uniform", zero_init=False, seed=8)
-    ins = make_inputs(p, dtype=torch.float32)
-    want = tr.trellis_op(*ins, chunk_size=8, sweeps=sweeps, impl=impl)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = tr.trellis_op(*ins, chunk_size=8, sweeps=sweeps, impl=impl)
-    assert all(g.dtype == torch.float32 for g in got)
-    assert_all_close(got, want, 1e-6, ["o", "K", "V"])
+def test_bench_decode_state_sizes(tmp_path):
+    """--bench-decode: the Trellis state is the same size at every context; the KV cache
+    grows by exactly one token per position."""
+    import train_tiny
+
+    args = train_tiny.parse_args(_train_argv(tmp_path, "--bench-decode", "--contexts", "8,40"))
+    rows = train_tiny.bench_decode(args, steps=2, rounds=2)
+    size = {(mixer, T): nbytes for mixer, T, ms, nbytes, numel in rows}
+    assert all(ms > 0 for _, _, ms, _, _ in rows) and len(rows) == 4
+    assert size["trellis", 8] == size["trellis", 40]
+    per_token = 2 * args.n_layer * args.n_embd * 4  # k and v, float32 on the CPU
+    assert size["attention", 40] - size["attention", 8] == (40 - 8) * per_token
+
+
+def test_bench_train_reports_both_mixers(tmp_path):
+    """--bench-train: tokens/s for both mixers at every context, the batch filling the token budget."""
+    import train_tiny
+
+    args = train_tiny.parse_args(_train_argv(tmp_path, "--bench-train", "--contexts", "16,64"))
+    rows = train_tiny.bench_train(args, steps=2, tokens=128)
+    assert [(T, m) for T, m, _ in rows] == [(16, "trellis"), (16, "attention"), (64, "trellis"), (64, "attention")]
+    assert all(tps > 0 for _, _, tps in rows)
+
+
+# -----------------------------------------------------------------------------
+# train_tiny.py: loss at longer contexts, and the recall task
+
+
+@pytest.mark.parametrize("mixer", ["trellis", "attention"])
+def test_context_losses_equal_the_ordinary_loss(tmp_path, mixer):
+    """The evaluation at several contexts computes, at each context, the model's own mean loss
+    over consecutive windows of the val split, and its tail column the loss of the last
+    positions: at the training context it is the ordinary loss on those windows."""
+    import train_tiny
+
+    args = train_tiny.parse_args(_train_argv(tmp_path, "--mixer", mixer))
+    model = tr.TrellisLM(train_tiny.model_config(args, 61)).eval()
+    data = torch.randint(0, 61, (1000,), generator=torch.Generator().manual_seed(0)).numpy().astype("uint16")
+    ctx = torch.autocast("cpu", enabled=False)
+    got = train_tiny.context_losses(model, data, [32, 100], args, ctx, tail=8, tokens_per_batch=256)
+    for T in (32, 100):
+        n = (len(data) - 1) // T
+        ids = torch.from_numpy(data[: n * T + 1].astype("int64"))
+        x, y = ids[:-1].view(n, T), ids[1:].view(n, T)
+        assert got[T]["windows"] == n
+        assert got[T]["loss"] == pytest.approx(model(x, targets=y)[1].item(), rel=1e-5)
+        logits = model(x)[0][:, -8:]
+        tail = F.cross_entropy(logits.reshape(-1, 61), y[:, -8:].reshape(-1)).item()
+        assert got[T]["tail_loss"] == pytest.approx(tail, rel=1e-5)
+
+
+def test_eval_contexts_after_training_and_from_a_checkpoint(tmp_path):
+    """--eval-contexts at the end of training and --eval-from on the saved best.pt give the same
+    figures; both are stored in summary.json."""
+    import train_tiny
+
+    out = _run(tmp_path, "--max-iters", "10", "--eval-interval", "10", "--sample-tokens", "0",
+               "--eval-contexts", "32,128")
+    assert set(out["context_losses"]) == {32, 128}
+    again = train_tiny.main(["--device", "cpu", "--eval-from", str(tmp_path / "out" / "best.pt"),
+                             "--eval-contexts", "32,128", "--cache-dir", str(tmp_path / "cache")])
+    for T in (32, 128):
+        assert again[T]["loss"] == pytest.approx(out["context_losses"][T]["loss"], rel=1e-6)
+    summary = json.load(open(tmp_path / "out" / "summary.json"))
+    assert set(summary["context_losses_from"]["best.pt"]) == {"32", "128"}
+
+
+@given(n=st.integers(1, 40), q=st.integers(1, 40), seed=st.integers(0, 2**31 - 1))
+def test_recall_batches_are_well_formed(n, q, seed):
+    """Multi-query recall data: distinct keys; each query's target is the value paired with its
+    key; the answer is never an input before its query is answered; no other position has a target."""
+    import train_tiny
+
+    q = min(q, n)
+    x, y = train_tiny.recall_batch(n, q, 3, torch.Generator().manual_seed(seed))
+    assert x.shape == y.shape == (3, 2 * (n + q))
+    K = train_tiny.RECALL_KEYS
+    for b in range(3):
+        keys, vals = x[b, 0:2 * n:2], x[b, 1:2 * n:2]
+        assert len(set(keys.tolist())) == n and (keys < K).all() and (vals >= K).all()
+        pair = dict(zip(keys.tolist(), vals.tolist()))
+        targets = (y[b] >= 0).nonzero()[:, 0].tolist()
+        assert targets == list(range(2 * n, 2 * (n + q), 2))
+        for p in targets:
+            assert y[b, p].item() == pair[x[b, p].item()]
+            assert y[b, p].item() not in x[b, 2 * n:p + 1].tolist()
+
+
+def test_recall_task_trains_and_reports_accuracy(tmp_path):
+    """--task recall trains end to end and reports an accuracy per number of pairs."""
+    out = _run(tmp_path, "--task", "recall", "--recall-pairs", "4,8", "--recall-queries", "4", "--max-iters", "6",
+               "--eval-interval", "3")
+    acc = out["recall_accuracy"]
+    assert set(acc) == {4, 8} and all(0 <= a <= 1 for a in acc.values())

@@ -1,9 +1,13 @@
 """Train a tiny Trellis (or attention) language model on tiny Shakespeare.
 
-    python train_tiny.py                          # the default run, one GPU, a few minutes
+    python train_tiny.py                          # the default run: one GPU, about a minute
     python train_tiny.py --device cpu             # a small smoke run on the CPU
-    python train_tiny.py --mixer attention        # the softmax-attention baseline
-    python train_tiny.py --resume                 # continue from out/ckpt.pt
+    python train_tiny.py --mixer attention        # the softmax-attention baseline of the same size
+    python train_tiny.py --resume                 # continue out/ckpt.pt (or --resume out/best.pt)
+    python train_tiny.py --eval-from out/best.pt --eval-contexts 256,1024,4096,16384
+                                                  # val loss of a trained model at longer contexts
+    python train_tiny.py --task recall            # multi-query associative recall instead of text
+    python train_tiny.py --bench-train            # training tokens/s of both mixers at 1k/4k/16k
     python train_tiny.py --bench-decode           # ms per generated token vs context length
 
 Offline: --data PATH reads any UTF-8 text instead of downloading tiny Shakespeare, and
@@ -19,93 +23,220 @@ import shutil
 import sys
 import time
 import urllib.request
-from dataclasses import asdict
+import zipfile
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
 
-import trellis as tr
 from trellis import TrellisConfig, TrellisLM, state_numel
 
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# defaults per device: the GPU run is the real one, the CPU run a smoke test
+# defaults that depend on the device: the GPU run is the real one, the CPU run a smoke test
 PRESETS = {
     "cuda": dict(batch_size=16, block_size=256, n_layer=4, n_embd=256, n_head=4, max_iters=1500,
-                 eval_interval=250, eval_iters=40, lr=2e-3, warmup_iters=100, dropout=0.1),
+                 eval_interval=100, eval_iters=40, lr=2e-3, warmup_iters=100, dropout=0.1, patience=3),
     "cpu": dict(batch_size=4, block_size=64, n_layer=2, n_embd=64, n_head=2, max_iters=100,
-                eval_interval=50, eval_iters=5, lr=2e-3, warmup_iters=10, dropout=0.0),
+                eval_interval=50, eval_iters=5, lr=2e-3, warmup_iters=10, dropout=0.0, patience=0),
 }
+# the flags that define the model, the tokens and the task: a checkpoint's values are authoritative on --resume
+MODEL_FLAGS = ("mixer", "n_layer", "n_embd", "n_head", "dropout", "slots", "phi", "f", "chunk_size", "sweeps",
+               "no_forget_gate", "gamma_max", "tokenizer", "task", "recall_pairs", "recall_queries")
+# the flags of the training loop: they may change on --resume, and the run says which did
+LOOP_FLAGS = ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "lr",
+              "min_lr_ratio", "warmup_iters", "weight_decay", "grad_clip", "patience", "seed", "dtype", "impl",
+              "sample_tokens", "prompt", "eval_exact", "eval_contexts")
+
+
+class UsageError(Exception):
+    """A bad command line: reported as one line, exit code 2."""
+
+
+def fail(msg, code=1):
+    """Stop with one line on stderr (no traceback)."""
+    print(f"train_tiny.py: {msg}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+# -----------------------------------------------------------------------------
+# command line: every value is checked here, before anything is read or written
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors (bad choice, not a number): one line too
+        raise UsageError(message)
+
+
+def build_parser():
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def preset(name, text):  # help text that shows both per-device defaults
+        return f"{text} (default: {PRESETS['cuda'][name]} on cuda, {PRESETS['cpu'][name]} on cpu)"
+
+    a = p.add_argument
+    a("--device", default="auto", help="cuda, cuda:N, cpu or auto (cuda when available)")
+    a("--data", default=os.environ.get("TRELLIS_DATA"),
+      help="a local UTF-8 text file (default: $TRELLIS_DATA, else download tiny Shakespeare)")
+    a("--data-url", default=DATA_URL, help="where tiny Shakespeare is downloaded from")
+    a("--cache-dir", default=os.path.join(HERE, "data"), help="downloaded text and token ids go here")
+    a("--tokenizer", choices=["gpt2", "char"], help="GPT-2 BPE (tiktoken r50k_base) or characters (default: gpt2)")
+    a("--out-dir", default="out", help="checkpoints and summary.json go here (default: out)")
+    a("--resume", nargs="?", const="", metavar="CKPT",
+      help="continue from CKPT (default: OUT_DIR/ckpt.pt); its model, tokenizer and data are kept")
+    a("--overwrite", action="store_true", help="start a new run even if OUT_DIR holds a checkpoint")
+    a("--max-iters", type=int, help=preset("max_iters", "training steps"))
+    a("--eval-interval", type=int, help=preset("eval_interval", "steps between evaluations"))
+    a("--eval-iters", type=int, help=preset("eval_iters", "batches per loss estimate"))
+    a("--patience", type=int, help=preset("patience", "stop after this many evaluations without a better val "
+                                                      "loss; 0 never stops early"))
+    a("--log-interval", type=int, help="steps between progress lines (default: 10)")
+    a("--batch-size", type=int, help=preset("batch_size", "sequences per step"))
+    a("--block-size", type=int, help=preset("block_size", "context length in tokens"))
+    a("--n-layer", type=int, help=preset("n_layer", "blocks"))
+    a("--n-embd", type=int, help=preset("n_embd", "model width"))
+    a("--n-head", type=int, help=preset("n_head", "heads"))
+    a("--dropout", type=float, help=preset("dropout", "dropout"))
+    a("--lr", type=float, help=preset("lr", "peak learning rate"))
+    a("--min-lr-ratio", type=float, help="the cosine ends at lr * this (default: 0.1)")
+    a("--warmup-iters", type=int, help=preset("warmup_iters", "linear warmup steps"))
+    a("--weight-decay", type=float, help="AdamW weight decay of matrices (default: 0.1)")
+    a("--grad-clip", type=float, help="clip the gradient norm to this; 0 = no clipping (default: 1.0)")
+    a("--seed", type=int, help="(default: 1337)")
+    a("--dtype", choices=["auto", "bfloat16", "float32"], help="autocast dtype (default: auto = bf16 on CUDA)")
+    # the model
+    a("--mixer", choices=["trellis", "attention"], help="(default: trellis)")
+    a("--phi", choices=["identity", "silu", "norm_silu"], help="write nonlinearity phi (default: norm_silu)")
+    a("--f", choices=["norm_silu", "l2_silu"], help="map between the two passes (default: norm_silu)")
+    a("--slots", type=int, help="memory slots m per head (default: 64)")
+    a("--chunk-size", type=int, help="(default: 64)")
+    a("--sweeps", type=int, help="0: the paper's chunk-start rule; chunk_size - 1: exact (default: 0)")
+    a("--no-forget-gate", action="store_const", const=True, help="ablation: beta = 1")
+    a("--gamma-max", type=float, help="inner step size bound: gamma = gamma_max * sigmoid(.) (default: 0.1)")
+    a("--impl", choices=["auto", "kernel", "chunked", "loop"], help="operator implementation (default: auto)")
+    # the task
+    a("--task", choices=["text", "recall"], help="language modelling, or multi-query associative recall "
+                                                 "(default: text)")
+    a("--recall-pairs", help="recall: key-value pairs per sequence, one value per batch at random "
+                             "(default: 8,32,128,512)")
+    a("--recall-queries", type=int, help="recall: queries per sequence, at most the pairs (default: 32)")
+    # the end of the run
+    a("--sample-tokens", type=int, help="tokens generated from the best weights at the end; 0: none (default: 200)")
+    a("--prompt", help="(default: 'ROMEO:')")
+    a("--eval-exact", action="store_const", const=True,
+      help="also report the best model's val loss under the exact recurrence (sweeps = chunk_size - 1)")
+    a("--eval-contexts", help="e.g. 256,1024,4096,16384: val loss of the best model at these contexts")
+    a("--eval-from", metavar="CKPT", help="evaluate CKPT at --eval-contexts instead of training")
+    # benchmarks instead of training
+    a("--bench-decode", action="store_true", help="time generation vs context length instead of training")
+    a("--bench-train", action="store_true", help="time training steps of both mixers at --contexts")
+    a("--contexts", help="contexts for the benchmarks (default: 1024,8192,65536 for --bench-decode, "
+                         "1024,4096,16384 for --bench-train)")
+    return p
+
+
+DEFAULTS = dict(tokenizer="gpt2", log_interval=10, min_lr_ratio=0.1, weight_decay=0.1, grad_clip=1.0, seed=1337,
+                dtype="auto", mixer="trellis", phi="norm_silu", f="norm_silu", slots=64, chunk_size=64, sweeps=0,
+                no_forget_gate=False, gamma_max=0.1, impl="auto", task="text", recall_pairs="8,32,128,512",
+                recall_queries=32, sample_tokens=200, prompt="ROMEO:", eval_exact=False, eval_contexts=None)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
-    a("--data", default=os.environ.get("TRELLIS_DATA"), help="a local UTF-8 text file (default: download tiny Shakespeare)")
-    a("--data-url", default=DATA_URL, help="where tiny Shakespeare is downloaded from")
-    a("--cache-dir", default=os.path.join(HERE, "data"), help="downloaded text and token ids go here")
-    a("--tokenizer", default="gpt2", choices=["gpt2", "char"], help="GPT-2 BPE (tiktoken r50k_base) or characters")
-    a("--out-dir", default="out", help="checkpoint and summary folder")
-    a("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
-    a("--max-iters", type=int)
-    a("--eval-interval", type=int)
-    a("--eval-iters", type=int, help="batches per loss estimate")
-    a("--log-interval", type=int, default=10)
-    a("--batch-size", type=int)
-    a("--block-size", type=int, help="context length in tokens")
-    a("--n-layer", type=int)
-    a("--n-embd", type=int)
-    a("--n-head", type=int)
-    a("--dropout", type=float)
-    a("--lr", type=float, help="peak learning rate")
-    a("--min-lr-ratio", type=float, default=0.1, help="the cosine ends at lr * this")
-    a("--warmup-iters", type=int)
-    a("--weight-decay", type=float, default=0.1)
-    a("--grad-clip", type=float, default=1.0)
-    a("--seed", type=int, default=1337)
-    a("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="autocast dtype (auto: bf16 on CUDA)")
-    # the model
-    a("--mixer", default="trellis", choices=["trellis", "attention"])
-    a("--phi", default="norm_silu", choices=["identity", "silu", "norm_silu"], help="write nonlinearity phi")
-    a("--f", default="norm_silu", choices=["norm_silu", "l2_silu"], help="map between the two passes")
-    a("--slots", type=int, default=64, help="memory slots m per head")
-    a("--chunk-size", type=int, default=64)
-    a("--sweeps", type=int, default=0, help="0: the paper's chunk-start rule; chunk_size - 1: exact")
-    a("--no-forget-gate", action="store_true", help="ablation: beta = 1")
-    a("--gamma-max", type=float, default=0.1, help="inner step size bound: gamma = gamma_max * sigmoid(.)")
-    a("--impl", default="auto", choices=["auto", "kernel", "chunked", "loop"], help="operator implementation")
-    # the end of the run
-    a("--sample-tokens", type=int, default=200, help="tokens generated at the end (0: none)")
-    a("--prompt", default="ROMEO:")
-    a("--eval-exact", action="store_true",
-      help="also report the val loss of the trained model under the exact recurrence (sweeps = chunk_size - 1)")
-    a("--bench-decode", action="store_true", help="time generation vs context length instead of training")
-    a("--contexts", default="1024,8192,65536", help="contexts for --bench-decode")
-    args = p.parse_args(argv)
+    """Parse and check the command line; a bad value exits with one line and code 2."""
+    try:
+        return _parse_args(argv)
+    except UsageError as e:
+        fail(f"error: {e}", code=2)
+
+
+def _parse_args(argv):
+    args = build_parser().parse_args(argv)
+    args.given = sorted(k for k, v in vars(args).items() if v is not None and k in MODEL_FLAGS + LOOP_FLAGS)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not (args.device == "cpu" or args.device == "cuda" or
+            (args.device.startswith("cuda:") and args.device[5:].isdigit())):
+        raise UsageError(f"--device {args.device}: use cuda, cuda:N, cpu or auto")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error("--device cuda, but torch sees no CUDA device (use --device cpu for a smoke run)")
-    for k, v in PRESETS["cuda" if args.device.startswith("cuda") else "cpu"].items():
+        raise UsageError("--device cuda, but torch sees no CUDA device (use --device cpu for a smoke run)")
+    preset = PRESETS["cuda" if args.device.startswith("cuda") else "cpu"]
+    for k, v in {**DEFAULTS, **preset}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    check_values(args)
     return args
+
+
+def check_values(args):
+    """Every numeric flag in range; the model flags through TrellisConfig's own checks."""
+    at_least = dict(max_iters=0, eval_interval=1, eval_iters=1, patience=0, log_interval=1, batch_size=1,
+                    block_size=1, warmup_iters=0, sample_tokens=0, recall_queries=1)
+    for name, low in at_least.items():
+        if getattr(args, name) < low:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    in_range = dict(lr=(0, math.inf, False), min_lr_ratio=(0, 1, True), weight_decay=(0, math.inf, True),
+                    grad_clip=(0, math.inf, True), dropout=(0, 1, True))
+    for name, (lo, hi, lo_ok) in in_range.items():
+        x = getattr(args, name)
+        if not (lo <= x < hi if lo_ok else lo < x < hi) or not math.isfinite(x):
+            interval = f"{'[' if lo_ok else '('}{lo}, {hi})"
+            raise UsageError(f"--{name.replace('_', '-')} must be a number in {interval}, got {x}")
+    args.recall_pairs_list = parse_list("--recall-pairs", args.recall_pairs)
+    if args.eval_contexts is not None:
+        args.eval_contexts_list = parse_list("--eval-contexts", args.eval_contexts)
+    if args.eval_from is not None and args.eval_contexts is None:
+        raise UsageError("--eval-from evaluates a checkpoint at --eval-contexts: give both")
+    if args.task == "recall" and args.eval_contexts is not None:
+        raise UsageError("--eval-contexts is for --task text")
+    if args.task == "recall" and args.recall_queries > min(args.recall_pairs_list):
+        raise UsageError(f"--recall-queries {args.recall_queries} exceeds the smallest --recall-pairs "
+                         f"{min(args.recall_pairs_list)}: a query needs a key of its own")
+    if args.contexts is not None:
+        parse_list("--contexts", args.contexts)
+    if args.data is not None and args.data != "" and args.eval_from is None:
+        if not os.path.isfile(args.data):
+            raise UsageError(f"--data {args.data}: no such file. Pass a UTF-8 text file, e.g. tiny Shakespeare's "
+                             f"input.txt")
+        if os.path.getsize(args.data) == 0:
+            raise UsageError(f"--data {args.data} is empty. Pass a UTF-8 text file, e.g. tiny Shakespeare's input.txt")
+    try:
+        cfg = model_config(args, vocab_size=64)
+    except ValueError as e:  # TrellisConfig names its field: name the flag instead
+        msg = str(e)
+        for field in asdict(TrellisConfig()):
+            msg = msg.replace(f"TrellisConfig.{field}", f"--{field.replace('_', '-')}")
+        raise UsageError(msg) from None
+    if args.impl == "kernel":
+        if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise UsageError("--impl kernel needs --device cuda (or TRITON_INTERPRET=1 to interpret it on the CPU)")
+        import kernel
+
+        d = cfg.n_embd // cfg.n_head
+        probe = torch.empty(1, 1, 1, d, device=args.device)
+        why = kernel.unsupported(probe, probe, probe.new_empty(1, 1, 1, cfg.slots), cfg.phi, cfg.f,
+                                 cfg.chunk_size, cfg.sweeps)
+        if why:
+            raise UsageError(f"--impl kernel: {why}")
+
+
+def parse_list(flag, text):
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: give positive integers separated by commas, e.g. 256,1024") from None
+    if not values or min(values) < 1:
+        raise UsageError(f"{flag} {text!r}: give positive integers separated by commas, e.g. 256,1024")
+    return values
 
 
 # -----------------------------------------------------------------------------
 # data: text -> 90/10 split -> token ids cached as uint16 memmaps
 
 
-def fail(msg):
-    sys.exit(f"train_tiny.py: {msg}")
-
-
 def read_text(args):
+    """(text, digest of its bytes)."""
     if args.data:
-        if not os.path.isfile(args.data):
-            fail(f"--data {args.data}: no such file. Pass a UTF-8 text file, e.g. tiny Shakespeare's input.txt.")
         path = args.data
     else:
         path = os.path.join(args.cache_dir, "tinyshakespeare.txt")
@@ -115,9 +246,9 @@ def read_text(args):
                 with urllib.request.urlopen(args.data_url, timeout=30) as r:
                     raw = r.read()
             except Exception as e:  # no network, DNS, HTTP error: all need the same advice
-                fail(f"could not download {args.data_url} ({e}).\n"
-                     "  Offline? Pass a local copy: --data PATH/TO/input.txt (tiny Shakespeare is char-rnn's\n"
-                     "  data/tinyshakespeare/input.txt), or put it at " + path)
+                fail(f"could not download {args.data_url} ({e}). Offline? Pass a local copy with "
+                     f"--data PATH/TO/input.txt (tiny Shakespeare is char-rnn's data/tinyshakespeare/input.txt), "
+                     f"or put it at {path}")
             os.makedirs(args.cache_dir, exist_ok=True)
             with open(path + ".tmp", "wb") as fh:
                 fh.write(raw)
@@ -127,7 +258,7 @@ def read_text(args):
     try:
         return raw.decode("utf-8"), hashlib.sha1(raw).hexdigest()[:12]
     except UnicodeDecodeError as e:
-        fail(f"{path} is not UTF-8 text ({e})")
+        fail(f"{path} is not UTF-8 text ({e})", code=2)
 
 
 def get_tokenizer(kind, text):
@@ -141,40 +272,107 @@ def get_tokenizer(kind, text):
     try:
         enc = tiktoken.get_encoding("r50k_base")  # identical to "gpt2", but loads from one file
     except Exception as e:
-        fail(f"could not load tiktoken's GPT-2 vocabulary r50k_base ({e}).\n"
-             "  Offline? Set TIKTOKEN_CACHE_DIR to a folder holding its ranks file, or use --tokenizer char.")
+        fail(f"could not load tiktoken's GPT-2 vocabulary r50k_base ({e}). Offline? Set TIKTOKEN_CACHE_DIR to a "
+             f"folder holding its ranks file, or use --tokenizer char.")
     return (lambda s: enc.encode_ordinary(s)), enc.decode, 50304  # 50257 padded to a multiple of 64
 
 
 def load_tokens(args, text, digest, encode):
-    """train/val token ids as uint16 memmaps, cached by text digest and tokenizer."""
+    """train/val token ids as uint16 memmaps, cached by text digest and tokenizer. Both splits
+    are checked before either is written to the cache."""
     folder = os.path.join(args.cache_dir, f"tokens-{digest}-{args.tokenizer}")
-    split = {}
-    for name in ("train", "val"):
+    n = int(0.9 * len(text))
+    ids = {}
+    for name, part in (("train", text[:n]), ("val", text[n:])):
         path = os.path.join(folder, f"{name}.bin")
-        if not os.path.exists(path):
-            n = int(0.9 * len(text))
-            ids = np.array(encode(text[:n] if name == "train" else text[n:]), dtype=np.uint16)
+        if os.path.exists(path):
+            ids[name] = np.memmap(path, dtype=np.uint16, mode="r")
+        else:
+            ids[name] = np.array(encode(part), dtype=np.uint16)
+        if len(ids[name]) <= args.block_size + 1:
+            fail(f"the {name} split of the text has {len(ids[name])} tokens, fewer than --block-size "
+                 f"{args.block_size} + 2: use a longer text or a smaller --block-size", code=2)
+    for name, arr in ids.items():
+        path = os.path.join(folder, f"{name}.bin")
+        if not isinstance(arr, np.memmap):
             os.makedirs(folder, exist_ok=True)
-            ids.tofile(path + ".tmp")
+            arr.tofile(path + ".tmp")
             os.replace(path + ".tmp", path)
-        split[name] = np.memmap(path, dtype=np.uint16, mode="r")
-        if len(split[name]) <= args.block_size + 1:
-            fail(f"the {name} split has {len(split[name])} tokens, fewer than --block-size {args.block_size} + 2")
-    return split
+            ids[name] = np.memmap(path, dtype=np.uint16, mode="r")
+    return ids
 
 
 def get_batch(data, args, gen):
+    """A batch of random windows [B, block_size] and their next tokens."""
     ix = torch.randint(len(data) - args.block_size - 1, (args.batch_size,), generator=gen).tolist()
     x = torch.from_numpy(np.stack([data[i:i + args.block_size] for i in ix]).astype(np.int64))
     y = torch.from_numpy(np.stack([data[i + 1:i + 1 + args.block_size] for i in ix]).astype(np.int64))
-    if args.device.startswith("cuda"):
-        return x.pin_memory().to(args.device, non_blocking=True), y.pin_memory().to(args.device, non_blocking=True)
+    return to_device(x, y, args.device)
+
+
+def to_device(x, y, device):
+    if device.startswith("cuda"):
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x, y
 
 
 # -----------------------------------------------------------------------------
-# model, optimizer, schedule, checkpoints
+# the recall task: multi-query associative recall (MQAR; Arora et al. 2023, "Zoology")
+#
+# A sequence holds n key-value pairs, k_1 v_1 ... k_n v_n (distinct keys, distinct values), then q queries: a key
+# of the pairs followed by its value. Only the positions of query keys have a target: the value
+# that the key was paired with. The value enters the input only after its query, so a model
+# must have kept the pair in its state (m slots per head for Trellis, the KV cache for attention).
+
+RECALL_KEYS = 1024  # token ids [0, 1024) are keys, [1024, 2048) values
+RECALL_VOCAB = 2 * RECALL_KEYS
+
+
+def recall_batch(n_pairs, n_queries, batch, gen):
+    """x, y [batch, 2 (n_pairs + n_queries)]; y is -1 except at query keys."""
+    keys = torch.stack([torch.randperm(RECALL_KEYS, generator=gen)[:n_pairs] for _ in range(batch)])  # [B,n]
+    # distinct values too: otherwise an earlier query's answer could be this query's answer
+    vals = RECALL_KEYS + torch.stack([torch.randperm(RECALL_KEYS, generator=gen)[:n_pairs] for _ in range(batch)])
+    pick = torch.stack([torch.randperm(n_pairs, generator=gen)[:n_queries] for _ in range(batch)])  # [B,q]
+    qk, qv = keys.gather(1, pick), vals.gather(1, pick)  # [B,q]
+    seq = torch.cat([torch.stack([keys, vals], 2).view(batch, -1), torch.stack([qk, qv], 2).view(batch, -1)], 1)
+    x = seq  # [B, 2n + 2q]
+    y = torch.full_like(x, -1)
+    y[:, 2 * n_pairs::2] = qv  # the target at a query key is its value
+    return x, y
+
+
+def recall_step_batch(args, gen):
+    """A training batch of the recall task: a random number of pairs, about as many tokens as
+    batch_size x block_size."""
+    n = args.recall_pairs_list[torch.randint(len(args.recall_pairs_list), (1,), generator=gen).item()]
+    q = args.recall_queries
+    batch = max(1, args.batch_size * args.block_size // (2 * (n + q)))
+    return to_device(*recall_batch(n, q, batch, gen), args.device)
+
+
+@torch.no_grad()
+def recall_accuracy(model, args, ctx, sequences=256):
+    """Fraction of query answers predicted exactly (argmax), per number of pairs, on fresh sequences."""
+    model.eval()
+    out = {}
+    for n in args.recall_pairs_list:
+        gen = torch.Generator().manual_seed(10_000 + n)  # the same sequences for every model
+        hits = total = 0
+        for _ in range(max(1, sequences // 64)):
+            x, y = to_device(*recall_batch(n, args.recall_queries, 64, gen), args.device)
+            with ctx:
+                logits = model(x)[0]
+            mask = y >= 0
+            hits += (logits.argmax(-1)[mask] == y[mask]).sum().item()
+            total += mask.sum().item()
+        out[n] = hits / total
+    model.train()
+    return out
+
+
+# -----------------------------------------------------------------------------
+# model, optimizer, schedule
 
 
 def model_config(args, vocab_size):
@@ -201,23 +399,117 @@ def lr_at(it, args):
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def save_checkpoint(path, model, opt, cfg, args, it, best_val):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), config=asdict(cfg), args=vars(args),
-                iter_num=it, best_val_loss=best_val)
-    torch.save(ckpt, path + ".tmp")
+def autocast_for(args):
+    cuda = args.device.startswith("cuda")
+    dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "bfloat16": torch.bfloat16,
+             "float32": torch.float32}[args.dtype]
+    if cuda and dtype != torch.float32:
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cpu", enabled=False)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: written atomically, verified when read
+
+
+def atomic_save(obj, path):
+    """Write to a temporary file, then rename: a crash never leaves a half-written file."""
+    torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)
+
+
+def atomic_copy(src, dst):
+    shutil.copyfile(src, dst + ".tmp")
+    os.replace(dst + ".tmp", dst)
+
+
+def load_checkpoint(path):
+    """The checkpoint at path, after checking its zip records' CRCs, that it loads, and that its
+    weights and optimizer state are finite. A damaged file stops the run with one line that
+    names it and the other checkpoint to try."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+        if bad is not None:
+            damaged(path, f"its record {bad} fails its CRC check")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except SystemExit:
+        raise
+    except Exception as e:  # truncated, not a zip, unpickling error: all mean the same to a user
+        damaged(path, f"it cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    missing = [k for k in ("model", "optimizer", "config", "args", "iter_num") if k not in ckpt]
+    if missing:
+        damaged(path, f"it lacks {', '.join(missing)}")
+    for name, t in list(ckpt["model"].items()) + list(_optimizer_tensors(ckpt["optimizer"])):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            damaged(path, f"{name} holds non-finite values")
+    return ckpt
+
+
+def _optimizer_tensors(state):
+    for i, s in state.get("state", {}).items():
+        for k, t in s.items():
+            if isinstance(t, torch.Tensor):
+                yield f"optimizer state {k} of parameter {i}", t
+
+
+def damaged(path, why):
+    folder = os.path.dirname(path) or "."
+    others = [os.path.join(folder, n) for n in ("ckpt.pt", "best.pt")
+              if os.path.join(folder, n) != path and os.path.isfile(os.path.join(folder, n))]
+    hint = f" Try the other checkpoint: --resume {others[0]}" if others else ""
+    fail(f"checkpoint {path} is damaged: {why}.{hint}")
+
+
+def merge_resume_args(args, ckpt, path):
+    """The checkpoint's model, tokenizer and task are kept; a given flag that differs is refused.
+    Loop flags that were not given keep the checkpoint's values; given ones replace them and the
+    run says so. Returns the list of changes."""
+    saved = ckpt["args"]
+    for name in MODEL_FLAGS:
+        if name not in saved:
+            continue
+        if name in args.given and getattr(args, name) != saved[name]:
+            flag = "--" + name.replace("_", "-")
+            fail(f"error: {flag} {getattr(args, name)} conflicts with {path}, trained with {flag} {saved[name]}; "
+                 f"a resumed run keeps its checkpoint's model, tokenizer and task (start a new --out-dir instead)",
+                 code=2)
+        setattr(args, name, saved[name])
+    changes = []
+    for name in LOOP_FLAGS:
+        if name not in saved:
+            continue
+        if name in args.given and getattr(args, name) != saved[name]:
+            changes.append(f"--{name.replace('_', '-')} {saved[name]} -> {getattr(args, name)}")
+        elif name not in args.given:
+            setattr(args, name, saved[name])
+    if args.data is None and saved.get("data"):
+        args.data = saved["data"]
+    try:
+        check_values(args)
+    except UsageError as e:
+        fail(f"error: {e}", code=2)
+    return changes
+
+
+# -----------------------------------------------------------------------------
+# evaluation
 
 
 @torch.no_grad()
 def estimate_loss(model, split, args, ctx):
+    """Mean loss over eval_iters batches per split, the same batches at every evaluation."""
     model.eval()
-    gen = torch.Generator().manual_seed(0)  # the same batches at every evaluation
     out = {}
     for name, data in split.items():
+        if args.task == "recall":
+            gen = torch.Generator().manual_seed(1 if name == "val" else 2)
+            batches = [recall_step_batch(args, gen) for _ in range(args.eval_iters)]
+        else:
+            gen = torch.Generator().manual_seed(0)
+            batches = [get_batch(data, args, gen) for _ in range(args.eval_iters)]
         losses = []
-        for _ in range(args.eval_iters):
-            x, y = get_batch(data, args, gen)
+        for x, y in batches:
             with ctx:
                 losses.append(model(x, targets=y)[1].item())
         out[name] = float(np.mean(losses))
@@ -225,77 +517,167 @@ def estimate_loss(model, split, args, ctx):
     return out
 
 
+@torch.no_grad()
+def context_losses(model, data, contexts, args, ctx, tail=256, tokens_per_batch=65536):
+    """Val loss at each context: the text cut into consecutive windows of that many tokens, each
+    evaluated from an empty state; the mean over all positions and over the last `tail` positions
+    of each window (those farthest from its start)."""
+    model.eval()
+    out = {}
+    for T in contexts:
+        n_windows = (len(data) - 1) // T
+        if n_windows == 0:
+            print(f"context {T}: longer than the val split ({len(data)} tokens), skipped")
+            continue
+        idx = torch.from_numpy(np.asarray(data[: n_windows * T + 1]).astype(np.int64))
+        x_all, y_all = idx[:-1].view(n_windows, T), idx[1:].view(n_windows, T)  # [windows, T]
+        total = total_tail = 0.0
+        per_batch = max(1, tokens_per_batch // T)
+        for i in range(0, n_windows, per_batch):
+            x, y = to_device(x_all[i:i + per_batch], y_all[i:i + per_batch], args.device)
+            with ctx:
+                logits = model(x)[0]
+            nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")  # [b, T]
+            total += nll.sum().item()
+            total_tail += nll[:, -min(tail, T):].sum().item()
+        out[T] = dict(loss=total / (n_windows * T), tail_loss=total_tail / (n_windows * min(tail, T)),
+                      windows=n_windows)
+    model.train()
+    return out
+
+
+def print_context_table(losses, tail=256):
+    print(f"{'context':>8s} {'windows':>8s} {'val loss':>9s} {f'last {tail}':>9s}")
+    for T, r in losses.items():
+        print(f"{T:8d} {r['windows']:8d} {r['loss']:9.4f} {r['tail_loss']:9.4f}")
+
+
 # -----------------------------------------------------------------------------
 # training
 
 
 def train(args):
-    torch.manual_seed(args.seed)
-    text, digest = read_text(args)
-    encode, decode, vocab_size = get_tokenizer(args.tokenizer, text)
-    split = load_tokens(args, text, digest, encode)
-    print(f"data: {len(split['train']):,} train and {len(split['val']):,} val tokens ({args.tokenizer})")
-
-    os.makedirs(args.out_dir, exist_ok=True)
+    """Train (or resume) and return the summary, also written to OUT_DIR/summary.json."""
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    best_path = os.path.join(args.out_dir, "best.pt")
+    summary_path = os.path.join(args.out_dir, "summary.json")
+    ckpt, changes = None, []
+    if args.resume is not None:
+        resume_path = args.resume or ckpt_path
+        if not os.path.isfile(resume_path):
+            fail(f"error: --resume: no checkpoint at {resume_path}", code=2)
+        ckpt = load_checkpoint(resume_path)
+        changes = merge_resume_args(args, ckpt, resume_path)
+    elif os.path.exists(ckpt_path) and not args.overwrite:
+        fail(f"error: {ckpt_path} exists: continue it with --resume, or pass another --out-dir "
+             f"(--overwrite replaces it)", code=2)
+
+    torch.manual_seed(args.seed)
+    if args.task == "recall":
+        encode, decode, vocab_size, split, digest = None, None, RECALL_VOCAB, {"train": None, "val": None}, "recall"
+    else:
+        text, digest = read_text(args)
+        encode, decode, vocab_size = get_tokenizer(args.tokenizer, text)
+        if ckpt is not None and ckpt.get("data_digest", digest) != digest:
+            fail(f"error: the text read ({args.data or 'tiny Shakespeare'}, sha1 {digest}) is not the one "
+                 f"{args.resume or ckpt_path} was trained on (sha1 {ckpt['data_digest']}): pass its --data", code=2)
+        split = load_tokens(args, text, digest, encode)
+        print(f"data: {len(split['train']):,} train and {len(split['val']):,} val tokens ({args.tokenizer})")
+
     cfg = model_config(args, vocab_size)
-    it, best_val = 0, float("inf")
-    if args.resume:
-        if not os.path.exists(ckpt_path):
-            fail(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location=args.device, weights_only=False)
-        cfg = TrellisConfig(**ckpt["config"])  # the checkpoint's model, whatever the flags say
-        it, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
     model = TrellisLM(cfg).to(args.device)
     opt = make_optimizer(model, args)
-    if args.resume:
+    st = dict(iter_num=0, best_val_loss=float("inf"), best_iter=None, last_eval=-1, evals_since_best=0,
+              history=[], train_tokens=0, train_time=0.0, wall_s=0.0, skipped_updates=0)
+    if ckpt is not None:
+        if TrellisConfig(**ckpt["config"]) != replace(cfg, impl=ckpt["config"]["impl"]):
+            fail(f"error: {args.resume or ckpt_path} holds a model that the flags do not rebuild", code=2)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        print(f"resumed from {ckpt_path} at iter {it} (best val loss {best_val:.4f})")
+        st.update({k: ckpt[k] for k in st if k in ckpt})
+        print(f"resumed from {args.resume or ckpt_path} at iter {st['iter_num']} "
+              f"(best val loss {st['best_val_loss']:.4f})")
+        for c in changes:
+            print(f"resume: changed {c}")
         del ckpt
+    os.makedirs(args.out_dir, exist_ok=True)  # every check has passed: from here on, files are written
     print(f"model: {cfg.mixer}, {model.num_params() / 1e6:.2f}M parameters "
           f"({model.num_params(non_embedding=True) / 1e6:.2f}M without embeddings)")
 
+    ctx = autocast_for(args)
     cuda = args.device.startswith("cuda")
-    dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "bfloat16": torch.bfloat16,
-             "float32": torch.float32}[args.dtype]
-    ctx = torch.autocast("cuda", dtype=dtype) if cuda and dtype != torch.float32 else torch.autocast("cpu", enabled=False)
-    gen = torch.Generator().manual_seed(args.seed + it)  # a resumed run draws fresh batches
-    tokens_per_iter = args.batch_size * args.block_size
-    t_start, train_tokens, train_time = time.time(), 0, 0.0
-    history = []
-    bad_grads = skipped = 0  # consecutive and total updates skipped for a non-finite gradient
+    saved_args = {k: v for k, v in vars(args).items() if k not in ("given", "recall_pairs_list", "eval_contexts_list")}
+    run_start = time.time() - st["wall_s"]
 
-    last_eval = it if args.resume else -1  # a resumed run was evaluated when it was saved
+    def save(path):
+        st["wall_s"] = time.time() - run_start
+        atomic_save(dict(model=model.state_dict(), optimizer=opt.state_dict(), config=asdict(cfg), args=saved_args,
+                         data_digest=digest, **st), path)
+
+    def write_summary(extra=None):
+        s = dict(mixer=cfg.mixer, phi=cfg.phi, forget_gate=cfg.forget_gate, sweeps=cfg.sweeps, slots=cfg.slots,
+                 chunk_size=cfg.chunk_size, block_size=args.block_size, task=args.task, iters=st["iter_num"],
+                 best_val_loss=st["best_val_loss"], best_iter=st["best_iter"], history=st["history"],
+                 wall_s=time.time() - run_start,
+                 train_tokens_per_s=st["train_tokens"] / max(st["train_time"], 1e-9),
+                 skipped_updates=st["skipped_updates"], params=model.num_params(), device=args.device,
+                 **(extra or {}))
+        with open(summary_path + ".tmp", "w") as fh:
+            json.dump(s, fh, indent=1)
+        os.replace(summary_path + ".tmp", summary_path)
+        return s
 
     def evaluate_and_save():
-        nonlocal best_val, last_eval
-        last_eval = it
         losses = estimate_loss(model, split, args, ctx)
-        improved = losses["val"] < best_val
-        best_val = min(best_val, losses["val"])
-        history.append(dict(iter=it, **losses))
-        print(f"eval {it}: train {losses['train']:.4f}, val {losses['val']:.4f} (best {best_val:.4f})")
-        save_checkpoint(ckpt_path, model, opt, cfg, args, it, best_val)  # the latest, for --resume
-        if improved:  # the best weights so far, for sampling after the run overfits: a copy, also atomic
-            best_path = os.path.join(args.out_dir, "best.pt")
-            shutil.copyfile(ckpt_path, best_path + ".tmp")
-            os.replace(best_path + ".tmp", best_path)
+        it = st["iter_num"]
+        improved = losses["val"] < st["best_val_loss"]
+        if improved:
+            st.update(best_val_loss=losses["val"], best_iter=it, evals_since_best=0)
+        else:
+            st["evals_since_best"] += 1
+        st["history"].append(dict(iter=it, **losses))
+        st["last_eval"] = it  # set only once the evaluation is complete: an interrupted one is redone
+        print(f"eval {it}: train {losses['train']:.4f}, val {losses['val']:.4f} (best {st['best_val_loss']:.4f})")
+        save(ckpt_path)  # the latest, for --resume
+        if improved:  # the best weights so far: a copy of the file just written, also atomic
+            atomic_copy(ckpt_path, best_path)
+        write_summary()
 
+    def stop(msg):
+        where = (f"The last checkpoint, {ckpt_path}, was written before this step and is untouched: resume from it "
+                 f"with a lower --lr (--resume --lr ...).") if os.path.exists(ckpt_path) else \
+            "No checkpoint was written yet: start again with a lower --lr."
+        fail(f"{msg} at iter {st['iter_num']}; stopping. {where}")
+
+    tokens_per_iter = args.batch_size * args.block_size
+    gen = torch.Generator().manual_seed(args.seed + st["iter_num"])  # a resumed run draws fresh batches
+    bad_grads = 0  # consecutive updates skipped for a non-finite gradient
+    stopped_early = False
     model.train()
     try:
-        while it < args.max_iters:
-            if it % args.eval_interval == 0 and it != last_eval:
+        while True:
+            it = st["iter_num"]
+            due = it % args.eval_interval == 0 or it == args.max_iters
+            if due and it != st["last_eval"]:
                 evaluate_and_save()
+                if args.patience and st["evals_since_best"] >= args.patience and it < args.max_iters:
+                    stopped_early = True
+                    print(f"stopping early: no better val loss in {args.patience} evaluations "
+                          f"(best {st['best_val_loss']:.4f} at iter {st['best_iter']})")
+                    break
+            if it >= args.max_iters:
+                break
             t0 = time.time()
             for group in opt.param_groups:
                 group["lr"] = lr_at(it, args)
-            x, y = get_batch(split["train"], args, gen)
+            if args.task == "recall":
+                x, y = recall_step_batch(args, gen)
+            else:
+                x, y = get_batch(split["train"], args, gen)
             with ctx:
                 _, loss, _ = model(x, targets=y)
             if not torch.isfinite(loss):
-                fail(f"non-finite loss {loss.item()} at iter {it}; stopping. The last good checkpoint "
-                     f"({ckpt_path}) is untouched: resume from it with a lower --lr.")
+                stop(f"non-finite loss {loss.item()}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             # the norm before clipping (no clipping with --grad-clip 0): a long recurrence's gradients show here
@@ -305,56 +687,136 @@ def train(args):
                 opt.step()
                 bad_grads = 0
             else:  # an overflowed gradient would turn every weight into NaN: skip this update
-                bad_grads, skipped = bad_grads + 1, skipped + 1
+                bad_grads, st["skipped_updates"] = bad_grads + 1, st["skipped_updates"] + 1
                 print(f"iter {it}: gradient norm {grad_norm.item()}, update skipped")
                 if bad_grads >= 10:
-                    fail(f"10 non-finite gradients in a row at iter {it}; stopping. The last good checkpoint "
-                         f"({ckpt_path}) is untouched: resume from it with a lower --lr.")
+                    stop("10 non-finite gradients in a row")
             if cuda:
                 torch.cuda.synchronize()
             dt = time.time() - t0
-            it += 1
+            st["iter_num"] = it = it + 1
             if it > 2:  # the first iterations compile kernels: leave them out of throughput
-                train_tokens, train_time = train_tokens + tokens_per_iter, train_time + dt
+                st["train_tokens"] += x.numel()
+                st["train_time"] += dt
             if it % args.log_interval == 0:
                 print(f"iter {it}: loss {loss.item():.4f}, grad norm {grad_norm.item():.3g}, "
-                      f"lr {lr_at(it - 1, args):.2e}, {dt * 1e3:.1f} ms/iter, {tokens_per_iter / dt:,.0f} tok/s")
-        if it != last_eval:
-            evaluate_and_save()
+                      f"lr {lr_at(it - 1, args):.2e}, {dt * 1e3:.1f} ms/iter, {x.numel() / dt:,.0f} tok/s")
     except KeyboardInterrupt:
-        save_checkpoint(ckpt_path, model, opt, cfg, args, it, best_val)
-        print(f"\ninterrupted at iter {it}; saved {ckpt_path} (continue with --resume)")
-        sys.exit(130)
+        save(ckpt_path)
+        if st["best_iter"] == st["iter_num"] == st["last_eval"]:  # the copy to best.pt may have been cut short
+            atomic_copy(ckpt_path, best_path)
+        write_summary()
+        print(f"\ninterrupted at iter {st['iter_num']}; saved {ckpt_path} (continue with --resume)")
+        raise SystemExit(130)
 
-    summary = dict(mixer=cfg.mixer, phi=cfg.phi, forget_gate=cfg.forget_gate, sweeps=cfg.sweeps,
-                   chunk_size=cfg.chunk_size, block_size=args.block_size, iters=it, best_val_loss=best_val,
-                   history=history,
-                   wall_s=time.time() - t_start, train_tokens_per_s=train_tokens / max(train_time, 1e-9),
-                   skipped_updates=skipped,
-                   params=model.num_params(), device=args.device)
-    if args.eval_exact and cfg.mixer == "trellis" and cfg.sweeps < cfg.chunk_size - 1:
-        # the model was trained with the chunk-start rule; generation uses the exact per-token update
-        sweeps = cfg.sweeps
-        cfg.sweeps = cfg.chunk_size - 1  # the mixers read their (shared) config at every call
-        summary["val_loss_exact"] = estimate_loss(model, {"val": split["val"]}, args, ctx)["val"]
-        cfg.sweeps = sweeps
-        print(f"val loss of the final model under the exact recurrence: {summary['val_loss_exact']:.4f}")
-    if args.sample_tokens > 0:
-        model.eval()
-        prompt = torch.tensor([encode(args.prompt) or [0]], device=args.device)
-        with ctx:
-            out = model.generate(prompt, args.sample_tokens, temperature=0.8, top_k=50)
-        summary["sample"] = decode(out[0].tolist())
-        print("sample:\n" + summary["sample"])
-    with open(os.path.join(args.out_dir, "summary.json"), "w") as fh:
-        json.dump(summary, fh, indent=1)
-    print(f"done: best val loss {best_val:.4f}, {summary['wall_s']:.1f} s, "
+    # the end of the run: the best weights, not the last ones
+    extra = dict(stopped_early=stopped_early)
+    if os.path.exists(best_path):
+        model.load_state_dict(load_checkpoint(best_path)["model"])
+        print(f"loaded the best weights: val loss {st['best_val_loss']:.4f} at iter {st['best_iter']} ({best_path})")
+    if args.task == "recall":
+        extra["recall_accuracy"] = recall_accuracy(model, args, ctx)
+        print("recall accuracy by pairs: " + ", ".join(f"{n}: {a:.3f}" for n, a in extra["recall_accuracy"].items()))
+    else:
+        if args.eval_exact and cfg.mixer == "trellis" and cfg.sweeps < cfg.chunk_size - 1:
+            exact = TrellisLM(replace(cfg, sweeps=cfg.chunk_size - 1)).to(args.device)  # the same weights, read exactly
+            exact.load_state_dict(model.state_dict())
+            extra["val_loss_exact"] = estimate_loss(exact, {"val": split["val"]}, args, ctx)["val"]
+            print(f"val loss of the best model under the exact recurrence: {extra['val_loss_exact']:.4f}")
+            del exact
+        if args.eval_contexts is not None:
+            extra["context_losses"] = context_losses(model, split["val"], args.eval_contexts_list, args, ctx)
+            print_context_table(extra["context_losses"])
+        if args.sample_tokens > 0:
+            model.eval()
+            prompt = torch.tensor([encode(args.prompt) or [0]], device=args.device)
+            with ctx:
+                out = model.generate(prompt, args.sample_tokens, temperature=0.8, top_k=50)
+            extra["sample"] = decode(out[0].tolist())
+            print("sample (best weights):\n" + extra["sample"])
+    summary = write_summary(extra)
+    print(f"done: best val loss {st['best_val_loss']:.4f} at iter {st['best_iter']}, {summary['wall_s']:.1f} s, "
           f"{summary['train_tokens_per_s']:,.0f} train tok/s")
+    print(f"checkpoints: {ckpt_path} (latest, iter {st['iter_num']}), {best_path} (best); summary: {summary_path}")
     return summary
 
 
+def eval_from(args):
+    """--eval-from CKPT: the val loss of a trained checkpoint at --eval-contexts, no training."""
+    if not os.path.isfile(args.eval_from):
+        fail(f"error: --eval-from: no checkpoint at {args.eval_from}", code=2)
+    ckpt = load_checkpoint(args.eval_from)
+    saved = ckpt["args"]
+    if saved.get("task", "text") != "text":
+        fail(f"error: {args.eval_from} was trained on --task {saved['task']}; --eval-contexts needs a text model",
+             code=2)
+    args.tokenizer = saved.get("tokenizer", "gpt2")
+    if args.data is None:
+        args.data = saved.get("data")
+    text, digest = read_text(args)
+    if ckpt.get("data_digest", digest) != digest:
+        fail(f"error: the text read (sha1 {digest}) is not the one {args.eval_from} was trained on "
+             f"(sha1 {ckpt['data_digest']}): pass its --data", code=2)
+    encode, _, vocab_size = get_tokenizer(args.tokenizer, text)
+    args.block_size = min(args.eval_contexts_list)  # a context longer than the val split is skipped
+    split = load_tokens(args, text, digest, encode)
+    cfg = TrellisConfig(**dict(ckpt["config"], impl=args.impl))
+    model = TrellisLM(cfg).to(args.device)
+    model.load_state_dict(ckpt["model"])
+    losses = context_losses(model, split["val"], args.eval_contexts_list, args, autocast_for(args))
+    print(f"{args.eval_from}: {cfg.mixer}, trained at context {saved.get('block_size')}")
+    print_context_table(losses)
+    folder = os.path.dirname(args.eval_from) or "."
+    path = os.path.join(folder, "summary.json")
+    summary = json.load(open(path)) if os.path.isfile(path) else {}
+    summary.setdefault("context_losses_from", {})[os.path.basename(args.eval_from)] = {
+        str(T): r for T, r in losses.items()}
+    with open(path + ".tmp", "w") as fh:
+        json.dump(summary, fh, indent=1)
+    os.replace(path + ".tmp", path)
+    print(f"written to {path}")
+    return losses
+
+
 # -----------------------------------------------------------------------------
-# decoding benchmark: ms per token and state size vs context
+# benchmarks: training throughput, and decoding time vs context
+
+
+def bench_train(args, steps=10, tokens=32768):
+    """Training tokens/s of both mixers at each context (the model's shell, bf16 on CUDA,
+    `tokens` per step of random token ids: the data pipeline is left out)."""
+    contexts = parse_list("--contexts", args.contexts or "1024,4096,16384")
+    ctx = autocast_for(args)
+    cuda = args.device.startswith("cuda")
+    rows = []
+    for T in contexts:
+        for mixer in ("trellis", "attention"):
+            args.mixer = mixer
+            torch.manual_seed(args.seed)
+            model = TrellisLM(model_config(args, 50304)).to(args.device)
+            opt = make_optimizer(model, args)
+            B = max(1, tokens // T)
+            x = torch.randint(0, 50304, (B, T), device=args.device)
+            times = []
+            for i in range(steps + 3):  # 3 warm-up steps (kernel compilation, allocator)
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                with ctx:
+                    loss = model(x, targets=x)[1]
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if cuda:
+                    torch.cuda.synchronize()
+                if i >= 3:
+                    times.append(time.perf_counter() - t0)
+            step = float(np.median(times))
+            rows.append((T, mixer, B * T / step))
+            print(f"context {T:6d} {mixer:9s} batch {B:3d}: {step * 1e3:8.1f} ms/step, "
+                  f"{B * T / step:12,.0f} tok/s", flush=True)
+            del model, opt
+    return rows
 
 
 @torch.no_grad()
@@ -366,7 +828,7 @@ def bench_decode(args, steps=16, rounds=8):
     checking that it produces the eager step's logits."""
     rows = []
     cuda = args.device.startswith("cuda")
-    contexts = [int(c) for c in args.contexts.split(",")]
+    contexts = parse_list("--contexts", args.contexts or "1024,8192,65536")
     for mixer in ("trellis", "trellis+graph", "attention") if cuda else ("trellis", "attention"):
         args.mixer = mixer.split("+")[0]
         torch.manual_seed(args.seed)
@@ -379,7 +841,9 @@ def bench_decode(args, steps=16, rounds=8):
             logits, _, state = model(prompt)
             tok = logits[:, -1:].argmax(-1)  # [1,1]
             if mixer == "trellis+graph":
-                graph, st = tr.DecodeGraph(model, tok, state), state
+                from trellis import DecodeGraph
+
+                graph, st = DecodeGraph(model, tok, state), state
                 rel = lambda a, b: ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()  # noqa: E731
                 errs = []
                 for _ in range(4):  # the graph against the eager step: same tokens, same start state
@@ -415,9 +879,16 @@ def bench_decode(args, steps=16, rounds=8):
     return rows
 
 
-if __name__ == "__main__":
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     if args.bench_decode:
-        bench_decode(args)
-    else:
-        train(args)
+        return bench_decode(args)
+    if args.bench_train:
+        return bench_train(args)
+    if args.eval_from:
+        return eval_from(args)
+    return train(args)
+
+
+if __name__ == "__main__":
+    main()
