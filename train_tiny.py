@@ -518,7 +518,7 @@ def estimate_loss(model, split, args, ctx):
 
 
 @torch.no_grad()
-def context_losses(model, data, contexts, args, ctx, tail=256, tokens_per_batch=65536):
+def context_losses(model, data, contexts, args, ctx, tail=256, tokens_per_batch=16384):
     """Val loss at each context: the text cut into consecutive windows of that many tokens, each
     evaluated from an empty state; the mean over all positions and over the last `tail` positions
     of each window (those farthest from its start)."""
