@@ -552,6 +552,8 @@ def unsupported(q, v, alpha, phi, f, chunk_size, sweeps):
     for name, n in dict(d_k=q.shape[-1], d_v=v.shape[-1], m=alpha.shape[-1]).items():
         if n > 128:
             return f"{name}={n} is not supported (at most 128)"
+        if chunk_size == 64 and n > 64:  # the backward read kernels would need 262-394 KB of shared memory
+            return f"{name}={n} needs chunk_size 16 or 32 (chunk_size 64 takes d_k, d_v, m up to 64)"
     if q.dtype == torch.float64:
         return "float64 is not supported (fp32, bf16, fp16); use impl='chunked'"
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
@@ -765,6 +767,34 @@ def profile(device="cuda", T=16384, tokens=32768, H=8, d=64, m=64, C=64):
     for k, t in sorted(totals.items(), key=lambda kv: -kv[1])[:10]:
         mark = " <- kernel.py" if any(n in k for n in names) else ""
         print(f"  {t:8.3f}  {k[:60]}{mark}")
+
+
+H100_SHARED_MEMORY = 232448  # bytes one program may use on an H100 (227 KiB)
+
+
+def shared_memory(C, m, d, phi="norm_silu", f="norm_silu", exact=False, num_warps=(4, 4)):
+    """Bytes of shared memory each kernel needs at chunk size C, m slots and d_k = d_v = d,
+    compiled for sm_90 with Triton's bundled ptxas: no GPU needed. Needs TRITON_INTERPRET unset
+    or 0 (the interpreter compiles nothing)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    BM, BD = _block(m), _block(d)
+    seq = dict(BD=BD, BM=BM, C=C, PHI=_PHI_ID[phi], EPS=1.0, PREC="tf32", EXACT=exact)
+    par = dict(BDK=BD, BDV=BD, BM=BM, C=C, F=_F_ID[f], EPS=1e-3, PREC="tf32")
+    kernels = [(_state_fwd_kernel, seq, num_warps[0], 2), (_read_fwd_kernel, par, num_warps[1], 1),
+               (_read_bwd_value_kernel, par, num_warps[1], 1), (_read_bwd_key_kernel, par, num_warps[1], 1),
+               (_state_bwd_kernel, seq, num_warps[0], 2)]
+    out = {}
+    for fn, consts, warps, stages in kernels:
+        consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+        sig = {a: "constexpr" if a in consts else "i32" if a in ("T", "H", "NC", "DK", "DV", "M") else "*fp32"
+               for a in fn.arg_names}
+        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 128),
+                                  options=dict(num_warps=warps, num_stages=stages))
+        out[fn.__name__] = compiled.metadata.shared
+    return out
 
 
 def cpu_table(B=1, T=2048, H=4, d=64, m=64, C=64):

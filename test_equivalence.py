@@ -664,6 +664,29 @@ def test_model_with_kernel_equals_chunked(sweeps, monkeypatch):
     assert_all_close(results[1], results[0], 1e-4, names)
 
 
+def test_kernel_fits_hopper_shared_memory():
+    """The largest sizes kernel.unsupported accepts (d, m <= 64 at C = 64; up to 128 at C = 32)
+    fit an H100's shared memory, in both rules, compiled for sm_90 by Triton's bundled ptxas (no
+    GPU needed); the smallest size it refuses at C = 64 would not fit."""
+    import subprocess
+    import sys
+
+    import kernel
+
+    script = ("import json, kernel; print(json.dumps([max(kernel.shared_memory(C, m, d, exact=e).values()) "
+              "for C, m, d, e in [(64, 64, 64, False), (64, 64, 64, True), (32, 128, 128, False), "
+              "(32, 128, 128, True), (64, 128, 64, False)]]))")
+    run = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TRITON_INTERPRET": "0"},
+                         capture_output=True, text=True, timeout=900, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert run.returncode == 0, run.stderr[-2000:]
+    *accepted, refused = json.loads(run.stdout.strip().splitlines()[-1])
+    assert max(accepted) <= kernel.H100_SHARED_MEMORY < refused
+    probe = lambda d, m: (torch.empty(1, 1, 1, d), torch.empty(1, 1, 1, d), torch.empty(1, 1, 1, m))  # noqa: E731
+    assert kernel.unsupported(*probe(64, 64), "norm_silu", "norm_silu", 64, 0) is None
+    assert kernel.unsupported(*probe(128, 128), "norm_silu", "norm_silu", 32, 31) is None
+    assert "needs chunk_size 16 or 32" in kernel.unsupported(*probe(64, 128), "norm_silu", "norm_silu", 64, 0)
+
+
 @pytest.mark.parametrize("kw,msg", [
     (dict(sweeps=1), "sweeps=1 is not supported"), (dict(chunk_size=8), "chunk_size must be 16, 32 or 64"),
     (dict(chunk_size=48), "chunk_size must be"),
