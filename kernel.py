@@ -1,8 +1,9 @@
 """Triton kernels for the chunked two-pass Trellis operator, forward and backward.
 
 Same arguments and result as trellis.trellis_op(..., impl="chunked") with sweeps = 0 (the
-paper's chunk-start rule) or sweeps >= C - 1 (the exact recurrence, solved row by row inside
-each chunk); trellis_op(impl="kernel" or "auto") calls trellis_op_triton.
+paper's chunk-start rule) or sweeps >= C - 1 (the exact recurrence, solved inside each chunk by
+sweeps that stop once they change nothing); trellis_op(impl="kernel" or "auto") calls
+trellis_op_triton.
 
 The error code makes the memory recurrence nonlinear (Ubar = gamma code(W S^T, A) needs the
 memory), so the only sequential work is that recurrence; every read is computed for all
@@ -196,9 +197,12 @@ def _chunk_decays(lb, offs_c, C: tl.constexpr):
 
 # -----------------------------------------------------------------------------
 # exact chunks (sweeps >= C - 1): the per-token recurrence inside a chunk, as the fixed point
-#   Z = diag(e^{b_{i-1}}) W Sᵀ - L Ū,   L = (W Wᵀ) ⊙ Γ',  Γ'_ij = exp(b_{i-1} - b_j) (j < i)
-# (trellis.py, section 3). L is strictly lower triangular, so one pass over the rows in order
-# solves it; the backward solves the transposed system over the rows in reverse.
+#   Z = Z0 - L Ū(Z),   Z0 = diag(e^{b_prev}) W Sᵀ,   L = (W Wᵀ) ⊙ Γ',  Γ'_ij = exp(b_{i-1} - b_j) (j < i)
+# (trellis.py, section 3), reached by sweeps that are matrix products. L is strictly lower
+# triangular, so sweep n leaves rows 0..n exact for good and C - 1 sweeps solve the system; once a
+# sweep leaves Ū unchanged (to the last bit) every further sweep would too, so the loop stops
+# there, which for small γ is after far fewer sweeps. The backward solves the adjoint system
+# (upper triangular) the same way.
 
 
 @triton.jit
@@ -211,44 +215,38 @@ def _exact_lower(w, b, lb, oc, PREC: tl.constexpr):
 
 
 @triton.jit
-def _pick(x, sel):
-    """Row i of a tile (sel = rows == i, as a column mask), or element i of a vector."""
-    return tl.sum(tl.where(sel, x, 0.0), 0)
-
-
-@triton.jit
-def _exact_codes_fwd(Z0, L, a, g, oc, mm, M, PHI: tl.constexpr, EPS: tl.constexpr,
-                     C: tl.constexpr, BM: tl.constexpr):
-    """Ū row by row: z_i = Z0_i - sum_{j<i} L_ij Ū_j, Ū_i = γ_i code(z_i, α_i)."""
-    U = tl.zeros([C, BM], dtype=tl.float32)
-    for i in range(0, C):
-        sel = (oc == i)[:, None]
-        z = _pick(Z0, sel) - tl.sum(_pick(L, sel)[:, None] * U, 0)  # row i of L: L_ij over j
-        u = _code_fwd(z[None, :], _pick(a, sel)[None, :], mm, M, PHI, EPS)
-        U = tl.where(sel, _pick(g, oc == i) * u, U)
+def _exact_codes_fwd(Z0, Z, L, a, g, mm, M, PHI: tl.constexpr, EPS: tl.constexpr, C: tl.constexpr,
+                     PREC: tl.constexpr):
+    """Ū of the exact rule: from the chunk-start codes Ū(Z), sweeps Ū <- γ code(Z0 - L Ū, α) until
+    Ū stops changing or C - 1 sweeps are done."""
+    U = g[:, None] * _code_fwd(Z, a, mm, M, PHI, EPS)
+    n = 0
+    change = 1.0
+    while (n < C - 1) & (change > 0):
+        U_next = g[:, None] * _code_fwd(Z0 - tl.dot(L, U, input_precision=PREC), a, mm, M, PHI, EPS)
+        change = tl.max(tl.max(tl.abs(U_next - U), 1), 0)
+        U = U_next
+        n += 1
     return U
 
 
 @triton.jit
-def _exact_codes_bwd(Z, L, a, g, dU, oc, mm, M, PHI: tl.constexpr, EPS: tl.constexpr,
-                     C: tl.constexpr, BM: tl.constexpr):
-    """Reverse of _exact_codes_fwd. dU: dL/dŪ from everything but Z (reads, chunk end).
-    Rows in reverse: dŪ_i is complete once every later row has passed its -L_ki dz_k on.
-    Returns dZ, dα, dγ."""
-    dZ = tl.zeros([C, BM], dtype=tl.float32)
-    dA = tl.zeros([C, BM], dtype=tl.float32)
-    dg = tl.zeros([C], dtype=tl.float32)
-    for ii in range(0, C):
-        i = C - 1 - ii
-        sel = (oc == i)[:, None]
-        dui = _pick(dU, sel)[None, :]
-        u, dz, da = _code_bwd(_pick(Z, sel)[None, :], _pick(a, sel)[None, :], _pick(g, oc == i) * dui,
-                              mm, M, PHI, EPS)
-        dZ = tl.where(sel, dz, dZ)
-        dA = tl.where(sel, da, dA)
-        dg = tl.where(oc == i, tl.sum(tl.sum(dui * u, 1), 0), dg)
-        dU = dU - _pick(L, sel)[:, None] * dz  # row i of L: L_ij over j < i
-    return dZ, dA, dg
+def _exact_codes_bwd(Z, L, a, g, dU, mm, M, PHI: tl.constexpr, EPS: tl.constexpr, C: tl.constexpr,
+                     PREC: tl.constexpr):
+    """The adjoint of _exact_codes_fwd at its solution Z. dU: dLoss/dŪ from everything but Z (the
+    reads, the chunk end). Solves dŪ = dU - Lᵀ dZ, dZ = J_code(Z)ᵀ (γ dŪ) by sweeps (Lᵀ is
+    strictly upper triangular). Returns dZ, dα, dγ."""
+    dUt = dU
+    u, dZ, da = _code_bwd(Z, a, g[:, None] * dUt, mm, M, PHI, EPS)
+    n = 0
+    change = 1.0
+    while (n < C - 1) & (change > 0):
+        dUt = dU - tl.dot(tl.trans(L), dZ, input_precision=PREC)
+        u, dZ_next, da = _code_bwd(Z, a, g[:, None] * dUt, mm, M, PHI, EPS)
+        change = tl.max(tl.max(tl.abs(dZ_next - dZ), 1), 0)
+        dZ = dZ_next
+        n += 1
+    return dZ, da, tl.sum(dUt * u, 1)
 
 
 # -----------------------------------------------------------------------------
@@ -289,7 +287,7 @@ def _state_fwd_kernel(k, v, al, LB, GM, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC
         Z = tl.dot(w, tl.trans(S), input_precision=PREC)  # W Sᵀ
         if EXACT:
             b_prev, _, L = _exact_lower(w, b, lb, oc, PREC)
-            U = _exact_codes_fwd(tl.exp(b_prev)[:, None] * Z, L, a, g, oc, mm, M, PHI, EPS, C, BM)
+            U = _exact_codes_fwd(tl.exp(b_prev)[:, None] * Z, Z, L, a, g, mm, M, PHI, EPS, C, PREC)
         else:
             U = g[:, None] * _code_fwd(Z, a, mm, M, PHI, EPS)
         tl.store(UU + row_m + t[:, None] * s_t * M + om[None, :], U, mask=tm[:, None] & mm)
@@ -443,7 +441,7 @@ def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT,
             b_prev, Gam_prev, L = _exact_lower(w, b, lb, oc, PREC)
             eb_prev = tl.exp(b_prev)
             dZ, da, dgv = _exact_codes_bwd(eb_prev[:, None] * Z - tl.dot(L, U, input_precision=PREC), L, a, g, dU,
-                                           oc, mm, M, PHI, EPS, C, BM)
+                                           mm, M, PHI, EPS, C, PREC)
             dL = tl.where(oc[:, None] > oc[None, :], -tl.dot(dZ, tl.trans(U), input_precision=PREC), 0.0)
             dWW = dL * Gam_prev
             dWc += tl.dot(dWW + tl.trans(dWW), w, input_precision=PREC)  # through L = (W Wᵀ) ⊙ Γ'

@@ -899,7 +899,7 @@ BAD_CLI = [
     ["--device", "gpu"], ["--n-embd", "100", "--n-head", "3"], ["--slots", "0"], ["--chunk-size", "0"],
     ["--sweeps", "-1"], ["--gamma-max", "-1"], ["--lr", "nan"], ["--eval-iters", "0"], ["--max-iters", "ten"],
     ["--mixer", "mamba"], ["--dropout", "1.5"], ["--patience", "-1"], ["--eval-contexts", "256,x"],
-    ["--data", "/no/such/file.txt"], ["--data", "EMPTY"], ["--recall-pairs", "0"],
+    ["--data", "/no/such/file.txt"], ["--data", "EMPTY"], ["--recall-pairs", "0"], ["--recall-pairs", "8,1024"],
 ]
 
 
@@ -1132,8 +1132,8 @@ def test_recall_batches_are_well_formed(n, q, seed):
 
 
 def test_recall_task_trains_and_reports_accuracy(tmp_path):
-    """--task recall trains end to end and reports an accuracy per number of pairs."""
-    out = _run(tmp_path, "--task", "recall", "--recall-pairs", "4,8", "--recall-queries", "4", "--max-iters", "6",
-               "--eval-interval", "3")
+    """--task recall trains end to end and reports an accuracy per number of pairs (the default 32
+    queries capped at the pairs)."""
+    out = _run(tmp_path, "--task", "recall", "--recall-pairs", "4,8", "--max-iters", "6", "--eval-interval", "3")
     acc = out["recall_accuracy"]
     assert set(acc) == {4, 8} and all(0 <= a <= 1 for a in acc.values())

@@ -119,7 +119,7 @@ def build_parser():
     a("--task", choices=["text", "recall"], help="language modelling, or multi-query associative recall "
                                                  "(default: text)")
     a("--recall-pairs", help="recall: key-value pairs per sequence, one value per batch at random "
-                             "(default: 8,32,128,512)")
+                             "(at most 512; default: 8,32,128,512)")
     a("--recall-queries", type=int, help="recall: queries per sequence, capped at the pairs (default: 32)")
     # the end of the run
     a("--sample-tokens", type=int, help="tokens generated from the best weights at the end; 0: none (default: 200)")
@@ -183,6 +183,8 @@ def check_values(args):
             interval = f"{'[' if lo_ok else '('}{lo}, {hi})"
             raise UsageError(f"--{name.replace('_', '-')} must be a number in {interval}, got {x}")
     args.recall_pairs_list = parse_list("--recall-pairs", args.recall_pairs)
+    if max(args.recall_pairs_list) > RECALL_KEYS:
+        raise UsageError(f"--recall-pairs {args.recall_pairs}: at most {RECALL_KEYS} pairs (the keys are distinct)")
     if args.eval_contexts is not None:
         args.eval_contexts_list = parse_list("--eval-contexts", args.eval_contexts)
     if args.eval_from is not None and args.eval_contexts is None:
@@ -321,7 +323,7 @@ def to_device(x, y, device):
 # that the key was paired with. The value enters the input only after its query, so a model
 # must have kept the pair in its state (m slots per head for Trellis, the KV cache for attention).
 
-RECALL_KEYS = 1024  # token ids [0, 1024) are keys, [1024, 2048) values
+RECALL_KEYS = 512  # token ids [0, 512) are keys, [512, 1024) values: up to 512 pairs
 RECALL_VOCAB = 2 * RECALL_KEYS
 
 
