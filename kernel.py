@@ -702,7 +702,7 @@ def _fla_rows(B, T, H, d, m, device):
 
 
 def bench(device="cuda", Ts=(1024, 4096, 16384), pytorch_Ts=(1024, 4096, 16384), tokens=32768, H=8, d=64,
-          m=64, C=64):
+          m=64, C=64, fla=False):
     """fwd and fwd+bwd ms (median), tokens/s (fwd+bwd) and peak memory above the inputs, bf16 inputs."""
     import torch.nn.functional as F
 
@@ -723,8 +723,9 @@ def bench(device="cuda", Ts=(1024, 4096, 16384), pytorch_Ts=(1024, 4096, 16384),
                 impls["per-token loop"] = (ins, first(lambda *a: tr.trellis_op(*a, chunk_size=1, impl="loop", **eps)))
         sdpa = [torch.randn(B, H, T, d, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
         impls["sdpa causal"] = (sdpa, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
-        impls.update({n: ([t.requires_grad_(True) for t in leaves], fn)
-                      for n, (leaves, fn) in _fla_rows(B, T, H, d, m, device).items()})
+        if fla:  # its autotuning takes minutes on a fresh machine
+            impls.update({n: ([t.requires_grad_(True) for t in leaves], fn)
+                          for n, (leaves, fn) in _fla_rows(B, T, H, d, m, device).items()})
         for name, (leaves, fn) in impls.items():
             fwd = (lambda fn, leaves: lambda: fn(*leaves))(fn, leaves)
             o0 = fwd().detach()
@@ -827,6 +828,7 @@ if __name__ == "__main__":
     ap.add_argument("--T", default="1024,4096,16384", help="sequence lengths (B*T = 32768)")
     ap.add_argument("--pytorch-T", default="1024,4096,16384", help="T at which to time the PyTorch forms too")
     ap.add_argument("--profile", action="store_true", help="per-kernel times at T = 16384")
+    ap.add_argument("--fla", action="store_true", help="also time fla's chunk_gsa and delta rule (fla-core)")
     a = ap.parse_args()
     if a.device == "cpu":
         cpu_table()
@@ -835,6 +837,7 @@ if __name__ == "__main__":
         print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}")
         if not a.skip_check:
             check(a.device)
-        bench(a.device, Ts=[int(t) for t in a.T.split(",")], pytorch_Ts=[int(t) for t in a.pytorch_T.split(",") if t])
+        bench(a.device, Ts=[int(t) for t in a.T.split(",")], pytorch_Ts=[int(t) for t in a.pytorch_T.split(",") if t],
+              fla=a.fla)
         if a.profile:
             profile(a.device)
