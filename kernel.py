@@ -766,7 +766,8 @@ def profile(device="cuda", T=16384, tokens=32768, H=8, d=64, m=64, C=64):
         torch.cuda.synchronize()
     totals = {}
     for ev in prof.key_averages():
-        totals[ev.key] = ev.device_time_total / 5 / 1e3 if hasattr(ev, "device_time_total") else ev.cuda_time_total / 5 / 1e3
+        device_us = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+        totals[ev.key] = device_us / 5 / 1e3
     print(f"per-kernel time at T={T}, B={B} (ms per fwd+bwd):")
     for k, t in sorted(totals.items(), key=lambda kv: -kv[1])[:10]:
         mark = " <- kernel.py" if any(n in k for n in names) else ""

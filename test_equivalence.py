@@ -824,7 +824,8 @@ def _damage(path, how):
     data = bytearray(path.read_bytes())
     if how == "overwritten":  # 4 KB of noise in the middle
         mid = len(data) // 2
-        data[mid:mid + 4096] = bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).tolist())
+        noise = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0))
+        data[mid:mid + 4096] = bytes(noise.tolist())
         path.write_bytes(bytes(data))
     elif how == "truncated":
         path.write_bytes(bytes(data[: len(data) // 2]))
@@ -925,7 +926,8 @@ def test_train_tiny_help_shows_defaults_per_device(capsys):
     with pytest.raises(SystemExit) as e:
         train_tiny.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert e.value.code == 0 and "(default: 1500 on cuda, 100 on cpu)" in text and "(default: 16 on cuda, 4 on cpu)" in text
+    assert e.value.code == 0
+    assert "(default: 1500 on cuda, 100 on cpu)" in text and "(default: 16 on cuda, 4 on cpu)" in text
 
 
 def test_train_tiny_stops_early_and_ends_at_its_best(tmp_path, monkeypatch, capsys):

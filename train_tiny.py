@@ -42,8 +42,8 @@ PRESETS = {
                 eval_interval=50, eval_iters=5, lr=2e-3, warmup_iters=10, dropout=0.0, patience=0),
 }
 # the flags that define the model, the tokens and the task: a checkpoint's values are authoritative on --resume
-MODEL_FLAGS = ("mixer", "n_layer", "n_embd", "n_head", "dropout", "slots", "phi", "f", "chunk_size", "sweeps",
-               "no_forget_gate", "gamma_max", "tokenizer", "task", "recall_pairs", "recall_queries")
+MODEL_FLAGS = ("mixer", "n_layer", "n_embd", "n_head", "dropout", "slots", "phi", "phi_eps", "f", "chunk_size",
+               "sweeps",                "no_forget_gate", "gamma_max", "tokenizer", "task", "recall_pairs", "recall_queries")
 # the flags of the training loop: they may change on --resume, and the run says which did
 LOOP_FLAGS = ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "lr",
               "min_lr_ratio", "warmup_iters", "weight_decay", "grad_clip", "patience", "seed", "dtype", "impl",
@@ -108,6 +108,7 @@ def build_parser():
     # the model
     a("--mixer", choices=["trellis", "attention"], help="(default: trellis)")
     a("--phi", choices=["identity", "silu", "norm_silu"], help="write nonlinearity phi (default: norm_silu)")
+    a("--phi-eps", type=float, help="LayerNorm epsilon inside normalized-SiLU phi (default: 1.0)")
     a("--f", choices=["norm_silu", "l2_silu"], help="map between the two passes (default: norm_silu)")
     a("--slots", type=int, help="memory slots m per head (default: 64)")
     a("--chunk-size", type=int, help="(default: 64)")
@@ -137,8 +138,8 @@ def build_parser():
 
 
 DEFAULTS = dict(tokenizer="gpt2", log_interval=10, min_lr_ratio=0.1, weight_decay=0.1, grad_clip=1.0, seed=1337,
-                dtype="auto", mixer="trellis", phi="norm_silu", f="norm_silu", slots=64, chunk_size=64, sweeps=0,
-                no_forget_gate=False, gamma_max=0.1, impl="auto", task="text", recall_pairs="8,32,128,512",
+                dtype="auto", mixer="trellis", phi="norm_silu", phi_eps=1.0, f="norm_silu", slots=64, chunk_size=64,
+                sweeps=0,                 no_forget_gate=False, gamma_max=0.1, impl="auto", task="text", recall_pairs="8,32,128,512",
                 recall_queries=32, sample_tokens=200, prompt="ROMEO:", eval_exact=False, eval_contexts=None)
 
 
@@ -376,7 +377,8 @@ def recall_accuracy(model, args, ctx, sequences=256):
 
 def model_config(args, vocab_size):
     return TrellisConfig(vocab_size=vocab_size, n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head,
-                         mixer=args.mixer, dropout=args.dropout, slots=args.slots, phi=args.phi, f=args.f,
+                         mixer=args.mixer, dropout=args.dropout, slots=args.slots, phi=args.phi,
+                         phi_eps=args.phi_eps, f=args.f,
                          chunk_size=args.chunk_size, sweeps=args.sweeps, impl=args.impl,
                          forget_gate=not args.no_forget_gate, gamma_max=args.gamma_max,
                          gamma_init=args.gamma_max / 2)
