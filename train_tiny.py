@@ -43,7 +43,7 @@ PRESETS = {
 }
 # the flags that define the model, the tokens and the task: a checkpoint's values are authoritative on --resume
 MODEL_FLAGS = ("mixer", "n_layer", "n_embd", "n_head", "dropout", "slots", "phi", "phi_eps", "f", "chunk_size",
-               "sweeps",                "no_forget_gate", "gamma_max", "tokenizer", "task", "recall_pairs", "recall_queries")
+               "sweeps", "no_forget_gate", "gamma_max", "tokenizer", "task", "recall_pairs", "recall_queries")
 # the flags of the training loop: they may change on --resume, and the run says which did
 LOOP_FLAGS = ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "lr",
               "min_lr_ratio", "warmup_iters", "weight_decay", "grad_clip", "patience", "seed", "dtype", "impl",
@@ -139,7 +139,7 @@ def build_parser():
 
 DEFAULTS = dict(tokenizer="gpt2", log_interval=10, min_lr_ratio=0.1, weight_decay=0.1, grad_clip=1.0, seed=1337,
                 dtype="auto", mixer="trellis", phi="norm_silu", phi_eps=1.0, f="norm_silu", slots=64, chunk_size=64,
-                sweeps=0,                 no_forget_gate=False, gamma_max=0.1, impl="auto", task="text", recall_pairs="8,32,128,512",
+                sweeps=0, no_forget_gate=False, gamma_max=0.1, impl="auto", task="text", recall_pairs="8,32,128,512",
                 recall_queries=32, sample_tokens=200, prompt="ROMEO:", eval_exact=False, eval_contexts=None)
 
 
