@@ -728,7 +728,7 @@ def bench(device="cuda", Ts=(1024, 4096, 16384), pytorch_Ts=(1024, 4096, 16384),
                 impls["per-token loop"] = (ins, first(lambda *a: tr.trellis_op(*a, chunk_size=1, impl="loop", **eps)))
         sdpa = [torch.randn(B, H, T, d, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
         impls["sdpa causal"] = (sdpa, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
-        if fla:  # its autotuning takes minutes on a fresh machine
+        if fla:  # off by default: its autotuning takes minutes before the first timing
             impls.update({n: ([t.requires_grad_(True) for t in leaves], fn)
                           for n, (leaves, fn) in _fla_rows(B, T, H, d, m, device).items()})
         for name, (leaves, fn) in impls.items():
