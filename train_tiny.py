@@ -137,10 +137,13 @@ def build_parser():
     return p
 
 
+_MODEL = TrellisConfig()  # the model flags default to TrellisConfig's values
 DEFAULTS = dict(tokenizer="gpt2", log_interval=10, min_lr_ratio=0.1, weight_decay=0.1, grad_clip=1.0, seed=1337,
-                dtype="auto", mixer="trellis", phi="norm_silu", phi_eps=1.0, f="norm_silu", slots=64, chunk_size=64,
-                sweeps=0, no_forget_gate=False, gamma_max=0.1, impl="auto", task="text", recall_pairs="8,32,128,512",
-                recall_queries=32, sample_tokens=200, prompt="ROMEO:", eval_exact=False, eval_contexts=None)
+                dtype="auto", mixer=_MODEL.mixer, phi=_MODEL.phi, phi_eps=_MODEL.phi_eps, f=_MODEL.f,
+                slots=_MODEL.slots, chunk_size=_MODEL.chunk_size, sweeps=_MODEL.sweeps,
+                no_forget_gate=not _MODEL.forget_gate, gamma_max=_MODEL.gamma_max, impl=_MODEL.impl, task="text",
+                recall_pairs="8,32,128,512", recall_queries=32, sample_tokens=200, prompt="ROMEO:", eval_exact=False,
+                eval_contexts=None)
 
 
 def parse_args(argv=None):
