@@ -79,7 +79,8 @@ import torch.nn.functional as F
 #              s = silu(z), mu = mean(s), sd = sqrt(mean((s - mu)^2) + eps), y = (s - mu) / sd.
 #              Differentiating, d(sd) = mean((s - mu) ds) / sd = mean(y ds) (mean(s - mu) = 0), so
 #                  dy = (ds - mean(ds) - y mean(y ds)) / sd,
-#              an operator that is symmetric in s. With e = y - a its transpose gives
+#              i.e. dy = J ds with the symmetric J = (I - 1 1^T / m - y y^T / m) / sd. With
+#              e = y - a, J^T e = J e gives
 #                  u = silu'(z) * (e - mean(e) - y mean(e y)) / sd.
 #              At z = 0 (a zero memory) s is constant, sd = sqrt(eps) and u is scaled by
 #              1/sqrt(eps): eps bounds the gain of the write (NOTES.md, "decisions").
