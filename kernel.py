@@ -492,7 +492,7 @@ class TrellisChunkFn(torch.autograd.Function):
         UK, UV = torch.empty(alpha.shape, **f32), torch.empty(alpha.shape, **f32)  # Ubar = γ code(Z, α)
         dims = dict(DK=DK, DV=DV, M=M, BM=_block(M), C=C, PREC=prec)
         # (warps, pipeline stages): the sequential kernels prefetch the next chunk; the parallel
-        # ones have no loop to pipeline (NOTES.md has the shared-memory and spill figures)
+        # ones have no loop to pipeline (shared_memory() reports each kernel's bytes)
         # the sequential kernels evaluate phi's code, the parallel ones f: each has its own eps
         seq = dict(dims, BD=max(_block(DK), _block(DV)), PHI=_PHI_ID[phi], EPS=phi_eps, EXACT=exact,
                    num_warps=num_warps[0], num_stages=2)

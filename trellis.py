@@ -542,8 +542,8 @@ class AttentionMixer(nn.Module):
             if T > 1:
                 raise ValueError("AttentionMixer: extend a KV cache one token at a time")
             k, v = torch.cat([state["k"], k], 2), torch.cat([state["v"], v], 2)  # [B,H,pos0+1,d]
-            # one query sees every cached position. Written out: SDPA may pick a backend that
-            # re-plans for every new cache length (seen on an H100: ~55 ms per token, NOTES.md)
+            # one query sees every cached position. Written out rather than SDPA, whose backend
+            # choice may be re-planned for every new cache length
             dt = torch.promote_types(q.dtype, torch.float32)
             att = (q.to(dt) @ k.to(dt).transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B,H,1,pos0+1]
             y = (att.softmax(-1) @ v.to(dt)).to(v.dtype)  # [B,H,1,d]
