@@ -476,6 +476,18 @@ def _block(n):
     return max(16, triton.next_power_of_2(n))
 
 
+def _launch_config(DK, DV, M, C, phi, f, phi_eps, f_eps, exact, prec, num_warps):
+    """Keyword arguments of the sequential (state) and the parallel (read) kernels' launches.
+    (warps, pipeline stages): the sequential kernels prefetch the next chunk; the parallel ones
+    have no loop to pipeline (shared_memory() reports each kernel's bytes). The sequential
+    kernels evaluate phi's code, the parallel ones f: each has its own eps."""
+    dims = dict(DK=DK, DV=DV, M=M, BM=_block(M), C=C, PREC=prec)
+    seq = dict(dims, BD=max(_block(DK), _block(DV)), PHI=_PHI_ID[phi], EPS=phi_eps, EXACT=exact,
+               num_warps=num_warps[0], num_stages=2)
+    par = dict(dims, BDK=_block(DK), BDV=_block(DV), F=_F_ID[f], EPS=f_eps, num_warps=num_warps[1], num_stages=1)
+    return seq, par
+
+
 class TrellisChunkFn(torch.autograd.Function):
     """(q, k, v, alpha, log_beta, gamma, K0, V0) -> (o, K_T, V_T); q..alpha [B,T,H,*] contiguous,
     log_beta, gamma [B,T,H] fp32, K0, V0 [B,H,m,d] fp32."""
@@ -490,14 +502,7 @@ class TrellisChunkFn(torch.autograd.Function):
         KT, VT = torch.empty_like(K0), torch.empty_like(V0)
         SK, SV = torch.empty(B, H, NC, M, DK, **f32), torch.empty(B, H, NC, M, DV, **f32)  # chunk-start states
         UK, UV = torch.empty(alpha.shape, **f32), torch.empty(alpha.shape, **f32)  # Ubar = γ code(Z, α)
-        dims = dict(DK=DK, DV=DV, M=M, BM=_block(M), C=C, PREC=prec)
-        # (warps, pipeline stages): the sequential kernels prefetch the next chunk; the parallel
-        # ones have no loop to pipeline (shared_memory() reports each kernel's bytes)
-        # the sequential kernels evaluate phi's code, the parallel ones f: each has its own eps
-        seq = dict(dims, BD=max(_block(DK), _block(DV)), PHI=_PHI_ID[phi], EPS=phi_eps, EXACT=exact,
-                   num_warps=num_warps[0], num_stages=2)
-        par = dict(dims, BDK=_block(DK), BDV=_block(DV), F=_F_ID[f], EPS=f_eps, num_warps=num_warps[1],
-                   num_stages=1)
+        seq, par = _launch_config(DK, DV, M, C, phi, f, phi_eps, f_eps, exact, prec, num_warps)
         _state_fwd_kernel[(B * H, 2)](k, v, alpha, log_beta, gamma, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC, **seq)
         YK = torch.empty(alpha.shape, **f32)  # the key pass's read yhat, kept for the backward
         _read_fwd_kernel[(NC, B * H)](q, k, v, log_beta, SK, SV, UK, UV, o, YK, T, H, NC, **par)
@@ -784,15 +789,12 @@ def shared_memory(C, m, d, phi="norm_silu", f="norm_silu", exact=False, num_warp
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    BM, BD = _block(m), _block(d)
-    seq = dict(BD=BD, BM=BM, C=C, PHI=_PHI_ID[phi], EPS=1.0, PREC="tf32", EXACT=exact)
-    par = dict(BDK=BD, BDV=BD, BM=BM, C=C, F=_F_ID[f], EPS=1e-3, PREC="tf32")
-    kernels = [(_state_fwd_kernel, seq, num_warps[0], 2), (_read_fwd_kernel, par, num_warps[1], 1),
-               (_read_bwd_value_kernel, par, num_warps[1], 1), (_read_bwd_key_kernel, par, num_warps[1], 1),
-               (_state_bwd_kernel, seq, num_warps[0], 2)]
+    seq, par = _launch_config(d, d, m, C, phi, f, 1.0, 1e-3, exact, "tf32", num_warps)  # the eps don't size anything
     out = {}
-    for fn, consts, warps, stages in kernels:
-        consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+    for fn, launch in [(_state_fwd_kernel, seq), (_read_fwd_kernel, par), (_read_bwd_value_kernel, par),
+                       (_read_bwd_key_kernel, par), (_state_bwd_kernel, seq)]:
+        warps, stages = launch["num_warps"], launch["num_stages"]
+        consts = {k: v for k, v in launch.items() if k in fn.arg_names and k not in ("DK", "DV", "M")}
         sig = {a: "constexpr" if a in consts else "i32" if a in ("T", "H", "NC", "DK", "DV", "M") else "*fp32"
                for a in fn.arg_names}
         src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
