@@ -2,7 +2,7 @@
 
 Same arguments and result as trellis.trellis_op(..., impl="chunked") with sweeps = 0 (the
 paper's chunk-start rule) or sweeps >= C - 1 (the exact recurrence, solved inside each chunk by
-sweeps that stop once they change nothing); trellis_op(impl="kernel" or "auto") calls
+sweeps that stop once they settle to fp32 rounding); trellis_op(impl="kernel" or "auto") calls
 trellis_op_triton.
 
 The error code makes the memory recurrence nonlinear (Ubar = gamma code(W S^T, A) needs the
@@ -16,7 +16,10 @@ chunks in parallel from the stored chunk-start memories (trellis.py, sections 3 
                                   O = e^b R V - ((R Uv^T) . Gam) v
     backward  _read_bwd_value_kernel, _read_bwd_key_kernel   grid (chunks, B*H): the reads' gradients
               _state_bwd_kernel   grid (B*H, 2 passes), chunks in reverse carrying dS = dLoss/dS:
-                                  through the codes (including z's dependence on S) and the updates
+                                  through the codes (including z's dependence on S) and the updates;
+                                  stores dZ and each chunk's end dS
+              _state_grads_kernel grid (chunks, B*H, 2 passes): from those, dW and d log beta of
+                                  the state updates, every chunk in parallel
 
 Legend: kernel names -> trellis.py's symbols (one head, one chunk of C rows)
   pointers (global tensors)
@@ -199,10 +202,19 @@ def _chunk_decays(lb, offs_c, C: tl.constexpr):
 # exact chunks (sweeps >= C - 1): the per-token recurrence inside a chunk, as the fixed point
 #   Z = Z0 - L Ū(Z),   Z0 = diag(e^{b_prev}) W Sᵀ,   L = (W Wᵀ) ⊙ Γ',  Γ'_ij = exp(b_{i-1} - b_j) (j < i)
 # (trellis.py, section 3), reached by sweeps that are matrix products. L is strictly lower
-# triangular, so sweep n leaves rows 0..n exact for good and C - 1 sweeps solve the system; once a
-# sweep leaves Ū unchanged (to the last bit) every further sweep would too, so the loop stops
-# there, which for small γ is after far fewer sweeps. The backward solves the adjoint system
-# (upper triangular) the same way.
+# triangular, so sweep n leaves rows 0..n exact and C - 1 sweeps solve the system. The error
+# shrinks geometrically long before that, so the loop stops once a sweep moves no entry by more
+# than 8 fp32 ulps of the largest one. (Compiled for the GPU, the sweeps settle
+# on a change of about one ulp that never reaches zero, so a stop at exact stationarity would
+# always run all C - 1 sweeps.) The backward solves the adjoint system (upper triangular) the
+# same way.
+
+
+@triton.jit
+def _moving(new, old):
+    """Whether a sweep moved some entry by more than 2^-21 (8 fp32 ulps) times the largest |entry|."""
+    size = tl.max(tl.max(tl.abs(new), 1), 0)
+    return tl.max(tl.max(tl.abs(new - old), 1), 0) > size * 4.76837158203125e-07
 
 
 @triton.jit
@@ -218,13 +230,13 @@ def _exact_lower(w, b, lb, oc, PREC: tl.constexpr):
 def _exact_codes_fwd(Z0, Z, L, a, g, mm, M, PHI: tl.constexpr, EPS: tl.constexpr, C: tl.constexpr,
                      PREC: tl.constexpr):
     """Ū of the exact rule: from the chunk-start codes Ū(Z), sweeps Ū <- γ code(Z0 - L Ū, α) until
-    Ū stops changing or C - 1 sweeps are done."""
+    Ū settles (_moving) or C - 1 sweeps are done."""
     U = g[:, None] * _code_fwd(Z, a, mm, M, PHI, EPS)
     n = 0
-    change = 1.0
-    while (n < C - 1) & (change > 0):
+    moving = True
+    while (n < C - 1) & moving:
         U_next = g[:, None] * _code_fwd(Z0 - tl.dot(L, U, input_precision=PREC), a, mm, M, PHI, EPS)
-        change = tl.max(tl.max(tl.abs(U_next - U), 1), 0)
+        moving = _moving(U_next, U)
         U = U_next
         n += 1
     return U
@@ -239,11 +251,11 @@ def _exact_codes_bwd(Z, L, a, g, dU, mm, M, PHI: tl.constexpr, EPS: tl.constexpr
     dUt = dU
     u, dZ, da = _code_bwd(Z, a, g[:, None] * dUt, mm, M, PHI, EPS)
     n = 0
-    change = 1.0
-    while (n < C - 1) & (change > 0):
+    moving = True
+    while (n < C - 1) & moving:
         dUt = dU - tl.dot(tl.trans(L), dZ, input_precision=PREC)
         u, dZ_next, da = _code_bwd(Z, a, g[:, None] * dUt, mm, M, PHI, EPS)
-        change = tl.max(tl.max(tl.abs(dZ_next - dZ), 1), 0)
+        moving = _moving(dZ_next, dZ)
         dZ = dZ_next
         n += 1
     return dZ, da, tl.sum(dUt * u, 1)
@@ -396,20 +408,21 @@ def _read_bwd_key_kernel(q, k, LB, SK, UK, dYK, dq, dk, dUK, dSK, dlb, T, H, NC,
 
 
 @triton.jit
-def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT, dVT, dk, dv, dalK, dalV,
-                      dlbK, dlbV, dgmK, dgmV, dK0, dV0, T, H, NC,
+def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT, dVT, dalK, dalV,
+                      dgmK, dgmV, dK0, dV0, T, H, NC,
                       DK, DV, M, BD: tl.constexpr, BM: tl.constexpr,
                       C: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
                       EXACT: tl.constexpr):
-    """Grid (B*H, 2 passes), chunks in reverse carrying dS = dL/d(state at the chunk's end):
-    dU = dU_read - to_end ⊙ (W dSᵀ);  (dZ, dα) through the code;  dW += -(U ⊙ to_end) dS + dZ S;
-    dS <- e^{b_C} dS + dS_read + dZᵀ W.  EXACT: Z = diag(e^{b_{i-1}}) W Sᵀ - L U, so dZ comes
-    from _exact_codes_bwd and also reaches W and log beta through L."""
+    """Grid (B*H, 2 passes), chunks in reverse carrying dS = dL/d(state at the chunk's end); only
+    what the next dS needs: dU = dU_read - to_end ⊙ (W dSᵀ), (dZ, dα, dγ) through the code,
+    dS <- e^{b_C} dS + dS_read + dZᵀ W. It overwrites each chunk's dS_read with the dS at the
+    chunk's end and dU_read with dZ, for _state_grads_kernel. EXACT: dZ from _exact_codes_bwd,
+    stored before its scaling by e^{b_{i-1}} (Z = diag(e^{b_{i-1}}) W Sᵀ - L U)."""
     pid = tl.program_id(0)
     if tl.program_id(1) == 0:
-        W, SS, UU, dUU, dSR, dST, dW, dal, dlb, dgm, dS0, D = k, SK, UK, dUK, dSK, dKT, dk, dalK, dlbK, dgmK, dK0, DK
+        W, SS, UU, dUU, dSR, dST, dal, dgm, dS0, D = k, SK, UK, dUK, dSK, dKT, dalK, dgmK, dK0, DK
     else:
-        W, SS, UU, dUU, dSR, dST, dW, dal, dlb, dgm, dS0, D = v, SV, UV, dUV, dSV, dVT, dv, dalV, dlbV, dgmV, dV0, DV
+        W, SS, UU, dUU, dSR, dST, dal, dgm, dS0, D = v, SV, UV, dUV, dSV, dVT, dalV, dgmV, dV0, DV
     bi, h = pid // H, pid % H
     s_b, s_t = T * H, H
     gb = bi * s_b + h
@@ -430,42 +443,76 @@ def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT,
         lb = tl.load(LB + gb + t * s_t, mask=tm, other=0.0)
         b, Gam, eb, b_c, to_end = _chunk_decays(lb, oc, C)
         Z = tl.dot(w, tl.trans(S), input_precision=PREC)  # W Sᵀ
-        wdS = tl.dot(w, tl.trans(dS), input_precision=PREC)  # W dSᵀ
         rows_m = row_m + t[:, None] * s_t * M + om[None, :]
-        dU = tl.load(dUU + rows_m, mask=tm[:, None] & mm, other=0.0) - to_end[:, None] * wdS
-        rows_w = row_w + t[:, None] * s_t * D + od[None, :]
-        wmask = tm[:, None] & (od[None, :] < D)
-        dWc = tl.load(dW + rows_w, mask=wmask, other=0.0)
+        mrow = tm[:, None] & mm
+        dU = tl.load(dUU + rows_m, mask=mrow, other=0.0) - to_end[:, None] * tl.dot(w, tl.trans(dS),
+                                                                                    input_precision=PREC)
         if EXACT:
             U = _load_rows(UU + row_m, t, tm, om, M, s_t * M)  # the forward's exact codes
-            b_prev, Gam_prev, L = _exact_lower(w, b, lb, oc, PREC)
+            b_prev, _, L = _exact_lower(w, b, lb, oc, PREC)
             eb_prev = tl.exp(b_prev)
             dZ, da, dgv = _exact_codes_bwd(eb_prev[:, None] * Z - tl.dot(L, U, input_precision=PREC), L, a, g, dU,
                                            mm, M, PHI, EPS, C, PREC)
-            dL = tl.where(oc[:, None] > oc[None, :], -tl.dot(dZ, tl.trans(U), input_precision=PREC), 0.0)
-            dWW = dL * Gam_prev
-            dWc += tl.dot(dWW + tl.trans(dWW), w, input_precision=PREC)  # through L = (W Wᵀ) ⊙ Γ'
-            G = dL * L  # dΓ' ⊙ Γ'
-            db_prev = tl.sum(dZ * Z, 1) * eb_prev + tl.sum(G, 1)  # dL/d b_{i-1}
-            dZ = dZ * eb_prev[:, None]  # from here on, the gradient w.r.t. W Sᵀ
-            db_extra = db_prev - tl.sum(G, 0)
+            tl.store(dUU + rows_m, dZ, mask=mrow)
+            dZ = dZ * eb_prev[:, None]  # the gradient w.r.t. W Sᵀ
         else:
             u, dZ, da = _code_bwd(Z, a, g[:, None] * dU, mm, M, PHI, EPS)
-            U = g[:, None] * u
             dgv = tl.sum(dU * u, 1)
-            db_prev = tl.zeros([C], dtype=tl.float32)
-            db_extra = db_prev
-        dWc += tl.dot(dZ, S, input_precision=PREC) - tl.dot(U * to_end[:, None], dS, input_precision=PREC)
-        tl.store(dW + rows_w, dWc, mask=wmask)
-        tl.store(dal + rows_m, da, mask=tm[:, None] & mm)
+            tl.store(dUU + rows_m, dZ, mask=mrow)
+        tl.store(dal + rows_m, da, mask=mrow)
         tl.store(dgm + gb + t * s_t, dgv, mask=tm)
-        gd = -tl.sum(U * wdS, 1) * to_end  # through to_end = e^{b_C - b}
-        db = tl.where(oc == C - 1, tl.sum(tl.sum(dS * S, 1), 0) * tl.exp(b_c) + tl.sum(gd, 0), 0.0) - gd + db_extra
-        # d log beta_j = sum_{i>=j} db_i, less the b_{i-1} = b_i - log beta_i share
-        tl.store(dlb + gb + t * s_t, tl.sum(db, 0) - tl.cumsum(db, 0) + db - db_prev, mask=tm)
-        dS = tl.exp(b_c) * dS + tl.load(dSR + (pid * NC + ci) * M * D + loc, mask=smask, other=0.0) \
-            + tl.dot(tl.trans(dZ), w, input_precision=PREC)
+        here = dSR + (pid * NC + ci) * M * D + loc
+        dS_read = tl.load(here, mask=smask, other=0.0)
+        tl.store(here, dS, mask=smask)
+        dS = tl.exp(b_c) * dS + dS_read + tl.dot(tl.trans(dZ), w, input_precision=PREC)
     tl.store(dS0 + pid * M * D + loc, dS, mask=smask)
+
+
+@triton.jit
+def _state_grads_kernel(k, v, LB, SK, SV, UK, UV, dZK, dZV, dSK, dSV, dk, dv, dlbK, dlbV, T, H, NC,
+                        DK, DV, M, BD: tl.constexpr, BM: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
+                        EXACT: tl.constexpr):
+    """Grid (NC, B*H, 2 passes), every chunk in parallel once _state_bwd_kernel has stored its dZ
+    and the dS at its end: the state updates' share of dW (added to the reads'),
+    dW += dZ S - (U ⊙ to_end) dS, and d log beta (through e^{b_C}, to_end and, EXACT, through
+    Z = diag(e^{b_{i-1}}) W Sᵀ - L U with L = (W Wᵀ) ⊙ Γ')."""
+    ci, pid = tl.program_id(0), tl.program_id(1)
+    if tl.program_id(2) == 0:
+        W, SS, UU, dZZ, dSE, dW, dlb, D = k, SK, UK, dZK, dSK, dk, dlbK, DK
+    else:
+        W, SS, UU, dZZ, dSE, dW, dlb, D = v, SV, UV, dZV, dSV, dv, dlbV, DV
+    bi, h, s_b, s_t, gb, oc, t, tm = _chunk_rows(ci, pid, T, H, C)
+    od, om = tl.arange(0, BD), tl.arange(0, BM)
+    S, _, _ = _load_state(SS, pid * NC + ci, om, od, M, D)
+    dS, _, _ = _load_state(dSE, pid * NC + ci, om, od, M, D)  # dL/d(state at the chunk's end)
+    row_w, row_m = bi * s_b * D + h * D, bi * s_b * M + h * M
+    w = _load_rows(W + row_w, t, tm, od, D, s_t * D)
+    U = _load_rows(UU + row_m, t, tm, om, M, s_t * M)
+    dZ = _load_rows(dZZ + row_m, t, tm, om, M, s_t * M)
+    lb = tl.load(LB + gb + t * s_t, mask=tm, other=0.0)
+    b, Gam, eb, b_c, to_end = _chunk_decays(lb, oc, C)
+    rows_w = row_w + t[:, None] * s_t * D + od[None, :]
+    wmask = tm[:, None] & (od[None, :] < D)
+    dWc = tl.load(dW + rows_w, mask=wmask, other=0.0)
+    if EXACT:
+        b_prev, Gam_prev, L = _exact_lower(w, b, lb, oc, PREC)
+        eb_prev = tl.exp(b_prev)
+        dL = tl.where(oc[:, None] > oc[None, :], -tl.dot(dZ, tl.trans(U), input_precision=PREC), 0.0)
+        dWW = dL * Gam_prev
+        dWc += tl.dot(dWW + tl.trans(dWW), w, input_precision=PREC)  # through L = (W Wᵀ) ⊙ Γ'
+        G = dL * L  # dΓ' ⊙ Γ'
+        db_prev = tl.sum(dZ * tl.dot(w, tl.trans(S), input_precision=PREC), 1) * eb_prev + tl.sum(G, 1)
+        dZ = dZ * eb_prev[:, None]  # the gradient w.r.t. W Sᵀ
+        db_extra = db_prev - tl.sum(G, 0)
+    else:
+        db_prev = tl.zeros([C], dtype=tl.float32)
+        db_extra = db_prev
+    dWc += tl.dot(dZ, S, input_precision=PREC) - tl.dot(U * to_end[:, None], dS, input_precision=PREC)
+    tl.store(dW + rows_w, dWc, mask=wmask)
+    gd = -tl.sum(U * tl.dot(w, tl.trans(dS), input_precision=PREC), 1) * to_end  # through to_end = e^{b_C - b}
+    db = tl.where(oc == C - 1, tl.sum(tl.sum(dS * S, 1), 0) * tl.exp(b_c) + tl.sum(gd, 0), 0.0) - gd + db_extra
+    # d log beta_j = sum_{i>=j} db_i, less the b_{i-1} = b_i - log beta_i share
+    tl.store(dlb + gb + t * s_t, tl.sum(db, 0) - tl.cumsum(db, 0) + db - db_prev, mask=tm)
 
 
 # -----------------------------------------------------------------------------
@@ -477,15 +524,17 @@ def _block(n):
 
 
 def _launch_config(DK, DV, M, C, phi, f, phi_eps, f_eps, exact, prec, num_warps):
-    """Keyword arguments of the sequential (state) and the parallel (read) kernels' launches.
-    (warps, pipeline stages): the sequential kernels prefetch the next chunk; the parallel ones
-    have no loop to pipeline (shared_memory() reports each kernel's bytes). The sequential
-    kernels evaluate phi's code, the parallel ones f: each has its own eps."""
+    """Keyword arguments of the launches of the sequential (state) kernels, the parallel read
+    kernels and _state_grads_kernel. (warps, pipeline stages): the sequential kernels prefetch
+    the next chunk; the parallel ones have no loop to pipeline (shared_memory() reports each
+    kernel's bytes). The sequential kernels evaluate phi's code, the read kernels f: each has
+    its own eps."""
     dims = dict(DK=DK, DV=DV, M=M, BM=_block(M), C=C, PREC=prec)
     seq = dict(dims, BD=max(_block(DK), _block(DV)), PHI=_PHI_ID[phi], EPS=phi_eps, EXACT=exact,
                num_warps=num_warps[0], num_stages=2)
     par = dict(dims, BDK=_block(DK), BDV=_block(DV), F=_F_ID[f], EPS=f_eps, num_warps=num_warps[1], num_stages=1)
-    return seq, par
+    grads = dict(dims, BD=seq["BD"], EXACT=exact, num_warps=num_warps[1], num_stages=1)
+    return seq, par, grads
 
 
 class TrellisChunkFn(torch.autograd.Function):
@@ -502,12 +551,12 @@ class TrellisChunkFn(torch.autograd.Function):
         KT, VT = torch.empty_like(K0), torch.empty_like(V0)
         SK, SV = torch.empty(B, H, NC, M, DK, **f32), torch.empty(B, H, NC, M, DV, **f32)  # chunk-start states
         UK, UV = torch.empty(alpha.shape, **f32), torch.empty(alpha.shape, **f32)  # Ubar = γ code(Z, α)
-        seq, par = _launch_config(DK, DV, M, C, phi, f, phi_eps, f_eps, exact, prec, num_warps)
+        seq, par, grads = _launch_config(DK, DV, M, C, phi, f, phi_eps, f_eps, exact, prec, num_warps)
         _state_fwd_kernel[(B * H, 2)](k, v, alpha, log_beta, gamma, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC, **seq)
         YK = torch.empty(alpha.shape, **f32)  # the key pass's read yhat, kept for the backward
         _read_fwd_kernel[(NC, B * H)](q, k, v, log_beta, SK, SV, UK, UV, o, YK, T, H, NC, **par)
         ctx.save_for_backward(q, k, v, alpha, log_beta, gamma, SK, SV, UK, UV, YK)
-        ctx.seq, ctx.par, ctx.NC = seq, par, NC
+        ctx.seq, ctx.par, ctx.grads, ctx.NC = seq, par, grads, NC
         return o, KT, VT
 
     @staticmethod
@@ -535,8 +584,10 @@ class TrellisChunkFn(torch.autograd.Function):
         dlbK, dlbV, dgmK, dgmV = (torch.empty_like(log_beta) for _ in range(4))
         dK0, dV0 = torch.empty_like(dKT), torch.empty_like(dVT)
         _state_bwd_kernel[(B * H, 2)](k, v, alpha, log_beta, gamma, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT, dVT,
-                                      dk, dv,
-                                      dalK, dalV, dlbK, dlbV, dgmK, dgmV, dK0, dV0, T, H, NC, **ctx.seq)
+                                      dalK, dalV, dgmK, dgmV, dK0, dV0, T, H, NC, **ctx.seq)
+        # dUK, dUV now hold dZ and dSK, dSV the dS at each chunk's end
+        _state_grads_kernel[(NC, B * H, 2)](k, v, log_beta, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dk, dv, dlbK, dlbV,
+                                            T, H, NC, **ctx.grads)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), (dalK + dalV).to(alpha.dtype),
                 dlb_read + dlbK + dlbV, dgmK + dgmV, dK0, dV0, None, None, None, None, None, None, None, None)
 
@@ -688,7 +739,8 @@ def _time_slow(fn, reps=3):
 # name: ((sequential, parallel) warps, sweeps, scale of gamma). The inputs' gamma ~ 0.5 is five times the
 # model's gamma_max = 0.1; the exact rule's sweeps stop sooner at the model's gamma, hence its own row.
 KERNEL_VARIANTS = {"kernel": ((4, 4), 0, 1.0), "kernel exact": ((4, 4), 63, 1.0),
-                   "exact, model g": ((4, 4), 63, 0.2)}
+                   "exact, model g": ((4, 4), 63, 0.2),
+                   "exact w8/4": ((8, 4), 63, 1.0), "exact w8/4 mg": ((8, 4), 63, 0.2)}
 
 
 def _fla_rows(B, T, H, d, m, device):
@@ -751,15 +803,15 @@ def bench(device="cuda", Ts=(1024, 4096, 16384), pytorch_Ts=(1024, 4096, 16384),
     return rows
 
 
-def profile(device="cuda", T=16384, tokens=32768, H=8, d=64, m=64, C=64):
+def profile(device="cuda", T=16384, tokens=32768, H=8, d=64, m=64, C=64, num_warps=(4, 4)):
     """Time of each kernel of the default variant (CUDA events around each launch)."""
     B = tokens // T
     ins = [t.requires_grad_(True) for t in _inputs(B, T, H, d, d, m, torch.bfloat16, device)]
     names = ["_state_fwd_kernel", "_read_fwd_kernel", "_read_bwd_value_kernel", "_read_bwd_key_kernel",
-             "_state_bwd_kernel"]
+             "_state_bwd_kernel", "_state_grads_kernel"]
     from torch.profiler import ProfilerActivity, profile as tprofile
 
-    eps = dict(_model_eps(), phi="norm_silu", f="norm_silu", precision="tf32")
+    eps = dict(_model_eps(), phi="norm_silu", f="norm_silu", precision="tf32", num_warps=num_warps)
     for _ in range(2):
         o = trellis_op_triton(*ins, chunk_size=C, **eps)[0]
         torch.autograd.grad(o, ins, o)
@@ -773,7 +825,7 @@ def profile(device="cuda", T=16384, tokens=32768, H=8, d=64, m=64, C=64):
     for ev in prof.key_averages():
         device_us = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
         totals[ev.key] = device_us / 5 / 1e3
-    print(f"per-kernel time at T={T}, B={B} (ms per fwd+bwd):")
+    print(f"per-kernel time at T={T}, B={B}, warps {num_warps} (ms per fwd+bwd):")
     for k, t in sorted(totals.items(), key=lambda kv: -kv[1])[:10]:
         mark = " <- kernel.py" if any(n in k for n in names) else ""
         print(f"  {t:8.3f}  {k[:60]}{mark}")
@@ -789,10 +841,10 @@ def shared_memory(C, m, d, phi="norm_silu", f="norm_silu", exact=False, num_warp
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    seq, par = _launch_config(d, d, m, C, phi, f, 1.0, 1e-3, exact, "tf32", num_warps)  # the eps don't size anything
+    seq, par, grads = _launch_config(d, d, m, C, phi, f, 1.0, 1e-3, exact, "tf32", num_warps)  # eps size nothing
     out = {}
     for fn, launch in [(_state_fwd_kernel, seq), (_read_fwd_kernel, par), (_read_bwd_value_kernel, par),
-                       (_read_bwd_key_kernel, par), (_state_bwd_kernel, seq)]:
+                       (_read_bwd_key_kernel, par), (_state_bwd_kernel, seq), (_state_grads_kernel, grads)]:
         warps, stages = launch["num_warps"], launch["num_stages"]
         consts = {k: v for k, v in launch.items() if k in fn.arg_names and k not in ("DK", "DV", "M")}
         sig = {a: "constexpr" if a in consts else "i32" if a in ("T", "H", "NC", "DK", "DV", "M") else "*fp32"
@@ -848,4 +900,6 @@ if __name__ == "__main__":
         bench(a.device, Ts=[int(t) for t in a.T.split(",")], pytorch_Ts=[int(t) for t in a.pytorch_T.split(",") if t],
               fla=a.fla)
         if a.profile:
-            profile(a.device)
+            for T in (1024, 16384):
+                for w in ((4, 4), (8, 4)):
+                    profile(a.device, T=T, num_warps=w)
