@@ -739,8 +739,7 @@ def _time_slow(fn, reps=3):
 # name: ((sequential, parallel) warps, sweeps, scale of gamma). The inputs' gamma ~ 0.5 is five times the
 # model's gamma_max = 0.1; the exact rule's sweeps stop sooner at the model's gamma, hence its own row.
 KERNEL_VARIANTS = {"kernel": ((4, 4), 0, 1.0), "kernel exact": ((4, 4), 63, 1.0),
-                   "exact, model g": ((4, 4), 63, 0.2),
-                   "exact w8/4": ((8, 4), 63, 1.0), "exact w8/4 mg": ((8, 4), 63, 0.2)}
+                   "exact, model g": ((4, 4), 63, 0.2)}
 
 
 def _fla_rows(B, T, H, d, m, device):
@@ -887,7 +886,7 @@ if __name__ == "__main__":
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--T", default="1024,4096,16384", help="sequence lengths (B*T = 32768)")
     ap.add_argument("--pytorch-T", default="1024,4096,16384", help="T at which to time the PyTorch forms too")
-    ap.add_argument("--profile", action="store_true", help="per-kernel times at T = 16384")
+    ap.add_argument("--profile", action="store_true", help="per-kernel times at T = 1024 and 16384")
     ap.add_argument("--fla", action="store_true", help="also time fla's chunk_gsa and delta rule (fla-core)")
     a = ap.parse_args()
     if a.device == "cpu":
@@ -901,5 +900,4 @@ if __name__ == "__main__":
               fla=a.fla)
         if a.profile:
             for T in (1024, 16384):
-                for w in ((4, 4), (8, 4)):
-                    profile(a.device, T=T, num_warps=w)
+                profile(a.device, T=T)
