@@ -29,7 +29,9 @@ Legend: kernel names -> trellis.py's symbols (one head, one chunk of C rows)
     SK, SV               each chunk's start memory  [B, H, NC, m, d] (stored by the forward)
     UK, UV               U = Ubar of each pass      [B, T, H, m]
     YK                   yhat, the key pass's read  [B, T, H, m]
-    d<name>              the gradient of the loss w.r.t. <name>; dSK, dSV: the reads' share per chunk
+    d<name>              the gradient of the loss w.r.t. <name>; dSK, dSV: the reads' share per chunk,
+                         then (_state_bwd_kernel) the gradient w.r.t. the chunk's end state;
+                         dUK, dUV: the reads' dŪ, then dZ
   tiles (registers)
     W, w                 the pass's write pointer (k or v) and its rows, [C, d]
     a, g, lb             the chunk's alpha [C, m], gamma [C], log beta [C]
@@ -204,10 +206,10 @@ def _chunk_decays(lb, offs_c, C: tl.constexpr):
 # (trellis.py, section 3), reached by sweeps that are matrix products. L is strictly lower
 # triangular, so sweep n leaves rows 0..n exact and C - 1 sweeps solve the system. The error
 # shrinks geometrically long before that, so the loop stops once a sweep moves no entry by more
-# than 8 fp32 ulps of the largest one. (Compiled for the GPU, the sweeps settle
-# on a change of about one ulp that never reaches zero, so a stop at exact stationarity would
-# always run all C - 1 sweeps.) The backward solves the adjoint system (upper triangular) the
-# same way.
+# than 8 fp32 ulps of the largest one. (Compiled for the GPU, the sweeps settle on a change of
+# about one ulp that never reaches zero, so a stop at exact stationarity would always run all
+# C - 1 sweeps: NOTES.md, section 3.2.) The backward solves the adjoint system (upper
+# triangular) the same way.
 
 
 @triton.jit
