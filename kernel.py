@@ -804,7 +804,7 @@ def bench(device="cuda", Ts=(1024, 4096, 16384), pytorch_Ts=(1024, 4096, 16384),
     return rows
 
 
-def profile(device="cuda", T=16384, tokens=32768, H=8, d=64, m=64, C=64, num_warps=(4, 4)):
+def profile(device="cuda", T=16384, tokens=32768, H=8, d=64, m=64, C=64):
     """Time of each kernel of the default variant (CUDA events around each launch)."""
     B = tokens // T
     ins = [t.requires_grad_(True) for t in _inputs(B, T, H, d, d, m, torch.bfloat16, device)]
@@ -812,7 +812,7 @@ def profile(device="cuda", T=16384, tokens=32768, H=8, d=64, m=64, C=64, num_war
              "_state_bwd_kernel", "_state_grads_kernel"]
     from torch.profiler import ProfilerActivity, profile as tprofile
 
-    eps = dict(_model_eps(), phi="norm_silu", f="norm_silu", precision="tf32", num_warps=num_warps)
+    eps = dict(_model_eps(), phi="norm_silu", f="norm_silu", precision="tf32")
     for _ in range(2):
         o = trellis_op_triton(*ins, chunk_size=C, **eps)[0]
         torch.autograd.grad(o, ins, o)
@@ -826,7 +826,7 @@ def profile(device="cuda", T=16384, tokens=32768, H=8, d=64, m=64, C=64, num_war
     for ev in prof.key_averages():
         device_us = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
         totals[ev.key] = device_us / 5 / 1e3
-    print(f"per-kernel time at T={T}, B={B}, warps {num_warps} (ms per fwd+bwd):")
+    print(f"per-kernel time at T={T}, B={B} (ms per fwd+bwd):")
     for k, t in sorted(totals.items(), key=lambda kv: -kv[1])[:10]:
         mark = " <- kernel.py" if any(n in k for n in names) else ""
         print(f"  {t:8.3f}  {k[:60]}{mark}")
