@@ -594,6 +594,12 @@ class TrellisChunkFn(torch.autograd.Function):
                 dlb_read + dlbK + dlbV, dgmK + dgmV, dK0, dV0, None, None, None, None, None, None, None, None)
 
 
+def default_warps(m):
+    """(sequential, parallel) warps: 4, or 8 for m > 128, whose [256, d] memory tiles need the
+    registers of 8 warps (at 4 a thread would spill 1-4 KB in the backward; ptxas -v, sm_90a)."""
+    return (8, 8) if m > 128 else (4, 4)
+
+
 def unsupported(q, v, alpha, phi, f, chunk_size, sweeps):
     """Why the kernel cannot run this call (a sentence), or None when it can."""
     if phi not in SUPPORTED_PHI:
@@ -605,9 +611,13 @@ def unsupported(q, v, alpha, phi, f, chunk_size, sweeps):
                 f"use impl='chunked' for partial refinement")
     if chunk_size not in (16, 32, 64):
         return f"chunk_size must be 16, 32 or 64, got {chunk_size}"
-    for name, n in dict(d_k=q.shape[-1], d_v=v.shape[-1], m=alpha.shape[-1]).items():
+    d_k, d_v, m = q.shape[-1], v.shape[-1], alpha.shape[-1]
+    for name, n in dict(d_k=d_k, d_v=d_v).items():
         if n > 128:
             return f"{name}={n} is not supported (at most 128)"
+    if m > 256 or (m > 128 and (chunk_size != 16 or max(d_k, d_v) > 64)):
+        return f"m={m} is not supported (at most 128, or 256 at chunk_size 16 with d_k, d_v <= 64)"
+    for name, n in dict(d_k=d_k, d_v=d_v, m=m).items():
         if chunk_size == 64 and n > 64:  # the backward read kernels would need 262-394 KB of shared memory
             return f"{name}={n} needs chunk_size 16 or 32 (chunk_size 64 takes d_k, d_v, m up to 64)"
     if q.dtype == torch.float64:
@@ -618,12 +628,12 @@ def unsupported(q, v, alpha, phi, f, chunk_size, sweeps):
 
 
 def trellis_op_triton(q, k, v, alpha, beta, gamma, K0=None, V0=None, *, phi, f, phi_eps, f_eps, chunk_size=64,
-                      sweeps=0, precision=None, num_warps=(4, 4)):
+                      sweeps=0, precision=None, num_warps=None):
     """The Triton form of trellis.trellis_op: the chunk-start rule (sweeps = 0) or the exact
     recurrence (sweeps >= C - 1). Inputs as there (trellis_op checks them before it calls
     this); phi_eps and f_eps are the LayerNorm epsilons of phi and f. Every dot runs on fp32
     operands; precision "tf32" or "ieee" says how (None: DEFAULT_PRECISION). num_warps:
-    (sequential kernels, parallel kernels)."""
+    (sequential kernels, parallel kernels), None: default_warps(m)."""
     why = unsupported(q, v, alpha, phi, f, chunk_size, sweeps)
     if why:
         raise ValueError("kernel: " + why)
@@ -638,7 +648,7 @@ def trellis_op_triton(q, k, v, alpha, beta, gamma, K0=None, V0=None, *, phi, f, 
     V0 = q.new_zeros(B, H, m, dv, dtype=torch.float32) if V0 is None else V0.float().contiguous()
     exact = sweeps >= chunk_size - 1 > 0  # the per-token recurrence inside each chunk
     o, KT, VT = TrellisChunkFn.apply(q, k, v, alpha, log_beta, gamma, K0, V0, phi, f, phi_eps, f_eps, chunk_size,
-                                     exact, precision, num_warps)
+                                     exact, precision, num_warps or default_warps(m))
     return o.to(v.dtype), KT, VT
 
 
@@ -692,6 +702,8 @@ def check(device="cuda"):
         ("exact fp32 ieee", torch.float32, "ieee", (2, 300, 4, 64, 64, 64, 64, "norm_silu", "norm_silu", True)),
         ("exact odd", torch.float32, "ieee", (3, 77, 2, 40, 24, 48, 32, "silu", "l2_silu", True)),
         ("exact bf16 tf32", torch.bfloat16, "tf32", (2, 300, 4, 64, 64, 64, 64, "norm_silu", "norm_silu", True)),
+        ("m 256 C16 ieee", torch.float32, "ieee", (2, 300, 2, 64, 64, 256, 16, "norm_silu", "norm_silu", False)),
+        ("exact m 256 C16", torch.float32, "ieee", (2, 300, 2, 64, 64, 256, 16, "norm_silu", "norm_silu", True)),
     ]
     print(f"{'case':16s} " + " ".join(f"{n:>8s}" for n in names))
     worst = {}
@@ -835,14 +847,15 @@ def profile(device="cuda", T=16384, tokens=32768, H=8, d=64, m=64, C=64):
 H100_SHARED_MEMORY = 232448  # bytes one program may use on an H100 (227 KiB)
 
 
-def shared_memory(C, m, d, phi="norm_silu", f="norm_silu", exact=False, num_warps=(4, 4)):
+def shared_memory(C, m, d, phi="norm_silu", f="norm_silu", exact=False, num_warps=None):
     """Bytes of shared memory each kernel needs at chunk size C, m slots and d_k = d_v = d,
     compiled for sm_90 with Triton's bundled ptxas: no GPU needed. Needs TRITON_INTERPRET unset
     or 0 (the interpreter compiles nothing)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    seq, par, grads = _launch_config(d, d, m, C, phi, f, 1.0, 1e-3, exact, "tf32", num_warps)  # eps size nothing
+    seq, par, grads = _launch_config(d, d, m, C, phi, f, 1.0, 1e-3, exact, "tf32",
+                                     num_warps or default_warps(m))  # eps size nothing
     out = {}
     for fn, launch in [(_state_fwd_kernel, seq), (_read_fwd_kernel, par), (_read_bwd_value_kernel, par),
                        (_read_bwd_key_kernel, par), (_state_bwd_kernel, seq), (_state_grads_kernel, grads)]:

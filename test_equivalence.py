@@ -629,6 +629,23 @@ def test_kernel_finite_at_extremes():
         assert_all_close(as_reference(got), want, 2e-4, ["o", "K", "V"])
 
 
+@pytest.mark.parametrize("sweeps", [0, 15])
+def test_kernel_up_to_256_slots(sweeps):
+    """m between 129 and 256 (chunk_size 16, d <= 64, 8 warps, 256-wide tiles with padded slots
+    masked): the kernel equals the float64 reference, outputs, final states and every gradient,
+    for the chunk-start rule (the chunked form) and the exact one (the per-token loop)."""
+    import kernel
+
+    p = Problem(B=1, T=37, H=2, dk=24, dv=40, m=200, gates="mixed", zero_init=False, seed=6)
+    ins = make_inputs(p, dtype=torch.float32)
+    assert kernel.default_warps(p.m) == (8, 8)
+    ref = dict(chunk_size=1, impl="loop") if sweeps else dict(chunk_size=16, impl="chunked")
+    want, gwant = outputs_and_grads(as_reference(ins), p.seed, **ref)
+    got, ggot = outputs_and_grads(on_kernel_device(ins), p.seed, op=kernel_op, chunk_size=16, sweeps=sweeps)
+    assert_all_close(as_reference(got), want, 2e-4, ["o", "K", "V"])
+    assert_all_close(as_reference(ggot), gwant, 2e-4, GRAD_NAMES)
+
+
 @pytest.mark.parametrize("phi", PHIS)
 def test_kernel_bf16_inputs(phi):
     """bf16 q, k, v, alpha with fp32 memories: the kernel equals the float64 chunked form on
@@ -665,9 +682,10 @@ def test_model_with_kernel_equals_chunked(sweeps, monkeypatch):
 
 
 def test_kernel_fits_hopper_shared_memory():
-    """The largest sizes kernel.unsupported accepts (d, m <= 64 at C = 64; up to 128 at C = 32)
-    fit an H100's shared memory, in both rules, compiled for sm_90 by Triton's bundled ptxas (no
-    GPU needed); the smallest size it refuses at C = 64 would not fit."""
+    """The largest sizes kernel.unsupported accepts (d, m <= 64 at C = 64; up to 128 at C = 32;
+    m = 256 with d = 64 at C = 16) fit an H100's shared memory, in both rules, compiled for sm_90
+    by Triton's bundled ptxas (no GPU needed); the smallest size it refuses at C = 64 would not
+    fit; m over 256, or over 128 beside C > 16 or d > 64, is refused."""
     import subprocess
     import sys
 
@@ -675,7 +693,7 @@ def test_kernel_fits_hopper_shared_memory():
 
     script = ("import json, kernel; print(json.dumps([max(kernel.shared_memory(C, m, d, exact=e).values()) "
               "for C, m, d, e in [(64, 64, 64, False), (64, 64, 64, True), (32, 128, 128, False), "
-              "(32, 128, 128, True), (64, 128, 64, False)]]))")
+              "(32, 128, 128, True), (16, 256, 64, False), (16, 256, 64, True), (64, 128, 64, False)]]))")
     run = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TRITON_INTERPRET": "0"},
                          capture_output=True, text=True, timeout=900, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert run.returncode == 0, run.stderr[-2000:]
@@ -684,7 +702,10 @@ def test_kernel_fits_hopper_shared_memory():
     probe = lambda d, m: (torch.empty(1, 1, 1, d), torch.empty(1, 1, 1, d), torch.empty(1, 1, 1, m))  # noqa: E731
     assert kernel.unsupported(*probe(64, 64), "norm_silu", "norm_silu", 64, 0) is None
     assert kernel.unsupported(*probe(128, 128), "norm_silu", "norm_silu", 32, 31) is None
+    assert kernel.unsupported(*probe(64, 256), "norm_silu", "norm_silu", 16, 15) is None
     assert "needs chunk_size 16 or 32" in kernel.unsupported(*probe(64, 128), "norm_silu", "norm_silu", 64, 0)
+    for d, m, C in [(64, 256, 32), (128, 256, 16), (64, 257, 16)]:
+        assert f"m={m} is not supported" in kernel.unsupported(*probe(d, m), "norm_silu", "norm_silu", C, 0)
 
 
 @pytest.mark.parametrize("kw,msg", [
