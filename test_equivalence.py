@@ -895,6 +895,30 @@ def test_train_tiny_ctrl_c_saves_and_resume_keeps_history(tmp_path, monkeypatch)
     assert [h["iter"] for h in out["history"]] == [0, 10, 20, 30]
 
 
+def test_train_tiny_sigterm_saves(tmp_path, monkeypatch):
+    """SIGTERM (kill, timeout, a scheduler) during training saves the checkpoint as Ctrl-C does,
+    and the process's SIGTERM handler is the previous one again afterwards."""
+    import signal
+
+    import train_tiny
+
+    real_get_batch, calls = train_tiny.get_batch, [0]
+
+    def terminated(data, args, gen):
+        calls[0] += 1
+        if calls[0] == 2 * 4 + 10 + 2 * 4 + 5:  # evals at 0 and 10 (4 batches per split), then 14 steps
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_get_batch(data, args, gen)
+
+    monkeypatch.setattr(train_tiny, "get_batch", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        _run(tmp_path, "--max-iters", "30", "--eval-interval", "10", "--sample-tokens", "0")
+    assert e.value.code == 130
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)["iter_num"] == 14
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_train_tiny_interrupted_evaluation_is_redone(tmp_path, monkeypatch):
     """Ctrl-C during an evaluation: the resumed run makes that evaluation (best.pt sees it)."""
     import train_tiny

@@ -20,7 +20,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 import urllib.request
 import zipfile
@@ -560,6 +562,10 @@ def print_context_table(losses, tail=256):
 # training
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def train(args):
     """Train (or resume) and return the summary, also written to OUT_DIR/summary.json."""
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
@@ -658,6 +664,9 @@ def train(args):
     bad_grads = 0  # consecutive updates skipped for a non-finite gradient
     stopped_early = False
     model.train()
+    # SIGTERM (kill, timeout, a scheduler's preemption) saves the run as Ctrl-C does
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous_sigterm = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         while True:
             it = st["iter_num"]
@@ -712,6 +721,9 @@ def train(args):
         write_summary()
         print(f"\ninterrupted at iter {st['iter_num']}; saved {ckpt_path} (continue with --resume)")
         raise SystemExit(130)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous_sigterm)
 
     # the end of the run: the best weights, not the last ones
     extra = dict(stopped_early=stopped_early)
