@@ -594,10 +594,17 @@ class TrellisChunkFn(torch.autograd.Function):
                 dlb_read + dlbK + dlbV, dgmK + dgmV, dK0, dV0, None, None, None, None, None, None, None, None)
 
 
-def default_warps(m):
-    """(sequential, parallel) warps: 4, or 8 for m > 128, whose [256, d] memory tiles need the
-    registers of 8 warps (at 4 a thread would spill 1-4 KB in the backward; ptxas -v, sm_90a)."""
-    return (8, 8) if m > 128 else (4, 4)
+def default_warps(m, exact=False, programs=None, sms=None):
+    """(sequential, parallel) warps: 4, with two exceptions. m > 128: 8, whose [256, d] memory
+    tiles need the registers of 8 warps (at 4 a thread would spill 1-4 KB in the backward; ptxas
+    -v, sm_90a). The exact rule when its `programs` sequential programs (B*H*2) fit on the
+    GPU's `sms` multiprocessors at once, as in long sequences: 8 for the sequential kernels,
+    whose sweeps then finish sooner per chunk (NOTES.md, section 3.2)."""
+    if m > 128:
+        return (8, 8)
+    if exact and programs is not None and sms is not None and programs <= sms:
+        return (8, 4)
+    return (4, 4)
 
 
 def unsupported(q, v, alpha, phi, f, chunk_size, sweeps):
@@ -633,7 +640,7 @@ def trellis_op_triton(q, k, v, alpha, beta, gamma, K0=None, V0=None, *, phi, f, 
     recurrence (sweeps >= C - 1). Inputs as there (trellis_op checks them before it calls
     this); phi_eps and f_eps are the LayerNorm epsilons of phi and f. Every dot runs on fp32
     operands; precision "tf32" or "ieee" says how (None: DEFAULT_PRECISION). num_warps:
-    (sequential kernels, parallel kernels), None: default_warps(m)."""
+    (sequential kernels, parallel kernels), None: default_warps()."""
     why = unsupported(q, v, alpha, phi, f, chunk_size, sweeps)
     if why:
         raise ValueError("kernel: " + why)
@@ -647,8 +654,11 @@ def trellis_op_triton(q, k, v, alpha, beta, gamma, K0=None, V0=None, *, phi, f, 
     K0 = q.new_zeros(B, H, m, dk, dtype=torch.float32) if K0 is None else K0.float().contiguous()
     V0 = q.new_zeros(B, H, m, dv, dtype=torch.float32) if V0 is None else V0.float().contiguous()
     exact = sweeps >= chunk_size - 1 > 0  # the per-token recurrence inside each chunk
+    if num_warps is None:
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else None
+        num_warps = default_warps(m, exact, B * H * 2, sms)
     o, KT, VT = TrellisChunkFn.apply(q, k, v, alpha, log_beta, gamma, K0, V0, phi, f, phi_eps, f_eps, chunk_size,
-                                     exact, precision, num_warps or default_warps(m))
+                                     exact, precision, num_warps)
     return o.to(v.dtype), KT, VT
 
 
@@ -752,8 +762,8 @@ def _time_slow(fn, reps=3):
 
 # name: ((sequential, parallel) warps, sweeps, scale of gamma). The inputs' gamma ~ 0.5 is five times the
 # model's gamma_max = 0.1; the exact rule's sweeps stop sooner at the model's gamma, hence its own row.
-KERNEL_VARIANTS = {"kernel": ((4, 4), 0, 1.0), "kernel exact": ((4, 4), 63, 1.0),
-                   "exact, model g": ((4, 4), 63, 0.2)}
+KERNEL_VARIANTS = {"kernel": (None, 0, 1.0), "kernel exact": (None, 63, 1.0),
+                   "exact, model g": (None, 63, 0.2)}  # (num_warps, None: default_warps(); sweeps; γ scale)
 
 
 def _fla_rows(B, T, H, d, m, device):

@@ -683,7 +683,8 @@ def test_model_with_kernel_equals_chunked(sweeps, monkeypatch):
 
 def test_kernel_fits_hopper_shared_memory():
     """The largest sizes kernel.unsupported accepts (d, m <= 64 at C = 64; up to 128 at C = 32;
-    m = 256 with d = 64 at C = 16) fit an H100's shared memory, in both rules, compiled for sm_90
+    m = 256 with d = 64 at C = 16) fit an H100's shared memory, in both rules and at every warp
+    count kernel.default_warps picks, compiled for sm_90
     by Triton's bundled ptxas (no GPU needed); the smallest size it refuses at C = 64 would not
     fit; m over 256, or over 128 beside C > 16 or d > 64, is refused."""
     import subprocess
@@ -691,9 +692,10 @@ def test_kernel_fits_hopper_shared_memory():
 
     import kernel
 
-    script = ("import json, kernel; print(json.dumps([max(kernel.shared_memory(C, m, d, exact=e).values()) "
-              "for C, m, d, e in [(64, 64, 64, False), (64, 64, 64, True), (32, 128, 128, False), "
-              "(32, 128, 128, True), (16, 256, 64, False), (16, 256, 64, True), (64, 128, 64, False)]]))")
+    script = ("import json, kernel; print(json.dumps([max(kernel.shared_memory(C, m, d, exact=e, num_warps=w)"
+              ".values()) for C, m, d, e, w in [(64, 64, 64, False, None), (64, 64, 64, True, None), (64, 64, 64, True, (8, 4)), "
+              "(32, 128, 128, False, None), (32, 128, 128, True, None), (32, 128, 128, True, (8, 4)), "
+              "(16, 256, 64, False, None), (16, 256, 64, True, None), (64, 128, 64, False, None)]]))")
     run = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TRITON_INTERPRET": "0"},
                          capture_output=True, text=True, timeout=900, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert run.returncode == 0, run.stderr[-2000:]
@@ -706,6 +708,17 @@ def test_kernel_fits_hopper_shared_memory():
     assert "needs chunk_size 16 or 32" in kernel.unsupported(*probe(64, 128), "norm_silu", "norm_silu", 64, 0)
     for d, m, C in [(64, 256, 32), (128, 256, 16), (64, 257, 16)]:
         assert f"m={m} is not supported" in kernel.unsupported(*probe(d, m), "norm_silu", "norm_silu", C, 0)
+
+
+def test_kernel_default_warps():
+    """4 warps, but 8 for m > 128 (registers), and 8 for the exact rule's sequential kernels when
+    its B*H*2 sequential programs fit on the GPU's multiprocessors at once (long sequences)."""
+    import kernel
+
+    assert kernel.default_warps(64) == kernel.default_warps(64, True, 512, 132) == (4, 4)
+    assert kernel.default_warps(64, False, 32, 132) == kernel.default_warps(64, True, 32, None) == (4, 4)
+    assert kernel.default_warps(64, True, 132, 132) == (8, 4)
+    assert kernel.default_warps(200) == kernel.default_warps(256, True, 32, 132) == (8, 8)
 
 
 @pytest.mark.parametrize("kw,msg", [
