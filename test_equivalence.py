@@ -710,6 +710,17 @@ def test_kernel_fits_hopper_shared_memory():
         assert f"m={m} is not supported" in kernel.unsupported(*probe(d, m), "norm_silu", "norm_silu", C, 0)
 
 
+def test_train_tiny_names_why_the_kernel_cannot_run():
+    """train_tiny's kernel_unsupported (behind --impl kernel's error and the note printed when
+    --impl auto falls back to the PyTorch form on a GPU): None for the default model, the
+    reason for 256 slots at chunk size 64."""
+    import train_tiny
+
+    assert train_tiny.kernel_unsupported(tr.TrellisConfig(), KERNEL_DEVICE) is None
+    why = train_tiny.kernel_unsupported(tr.TrellisConfig(slots=256), KERNEL_DEVICE)
+    assert "m=256 is not supported" in why and "chunk_size 16" in why
+
+
 def test_kernel_default_warps():
     """4 warps, but 8 for m > 128 (registers), and 8 for the exact rule's sequential kernels when
     its B*H*2 sequential programs fit on the GPU's multiprocessors at once (long sequences)."""

@@ -215,14 +215,18 @@ def check_values(args):
     if args.impl == "kernel":
         if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise UsageError("--impl kernel needs --device cuda (or TRITON_INTERPRET=1 to interpret it on the CPU)")
-        import kernel
-
-        d = cfg.n_embd // cfg.n_head
-        probe = torch.empty(1, 1, 1, d, device=args.device)
-        why = kernel.unsupported(probe, probe, probe.new_empty(1, 1, 1, cfg.slots), cfg.phi, cfg.f,
-                                 cfg.chunk_size, cfg.sweeps)
+        why = kernel_unsupported(cfg, args.device)
         if why:
             raise UsageError(f"--impl kernel: {why}")
+
+
+def kernel_unsupported(cfg, device):
+    """Why the Triton kernel cannot run this model's operator on device (a sentence), or None."""
+    import kernel
+
+    probe = torch.empty(1, 1, 1, cfg.n_embd // cfg.n_head, device=device)
+    return kernel.unsupported(probe, probe, probe.new_empty(1, 1, 1, cfg.slots), cfg.phi, cfg.f, cfg.chunk_size,
+                              cfg.sweeps)
 
 
 def parse_list(flag, text):
@@ -613,6 +617,10 @@ def train(args):
     os.makedirs(args.out_dir, exist_ok=True)  # every check has passed: from here on, files are written
     print(f"model: {cfg.mixer}, {model.num_params() / 1e6:.2f}M parameters "
           f"({model.num_params(non_embedding=True) / 1e6:.2f}M without embeddings)")
+    if cfg.mixer == "trellis" and cfg.impl == "auto" and args.device.startswith("cuda"):
+        why = kernel_unsupported(cfg, args.device)
+        if why:  # trellis_op falls back to the PyTorch form: say so, it is several times slower
+            print(f"operator: the PyTorch chunked form, not the Triton kernel: {why}")
 
     ctx = autocast_for(args)
     cuda = args.device.startswith("cuda")
