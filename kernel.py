@@ -760,10 +760,11 @@ def _time_slow(fn, reps=3):
     return sorted(times)[len(times) // 2]
 
 
-# name: ((sequential, parallel) warps, sweeps, scale of gamma). The inputs' gamma ~ 0.5 is five times the
-# model's gamma_max = 0.1; the exact rule's sweeps stop sooner at the model's gamma, hence its own row.
+# name: ((sequential, parallel) warps, None: default_warps(); sweeps; scale of gamma). The inputs'
+# gamma ~ 0.5 is five times the model's gamma_max = 0.1; the exact rule's sweeps stop sooner at the
+# model's gamma, hence its own row.
 KERNEL_VARIANTS = {"kernel": (None, 0, 1.0), "kernel exact": (None, 63, 1.0),
-                   "exact, model g": (None, 63, 0.2)}  # (num_warps, None: default_warps(); sweeps; γ scale)
+                   "exact, model g": (None, 63, 0.2)}
 
 
 def _fla_rows(B, T, H, d, m, device):
@@ -860,7 +861,8 @@ H100_SHARED_MEMORY = 232448  # bytes one program may use on an H100 (227 KiB)
 def shared_memory(C, m, d, phi="norm_silu", f="norm_silu", exact=False, num_warps=None):
     """Bytes of shared memory each kernel needs at chunk size C, m slots and d_k = d_v = d,
     compiled for sm_90 with Triton's bundled ptxas: no GPU needed. Needs TRITON_INTERPRET unset
-    or 0 (the interpreter compiles nothing)."""
+    or 0 (the interpreter compiles nothing). num_warps None: default_warps(m) for a grid larger
+    than the GPU (pass (8, 4) for the exact rule's other choice)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
