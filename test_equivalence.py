@@ -692,10 +692,11 @@ def test_kernel_fits_hopper_shared_memory():
 
     import kernel
 
+    sizes = [(64, 64, 64, False, None), (64, 64, 64, True, None), (64, 64, 64, True, (8, 4)),
+             (32, 128, 128, False, None), (32, 128, 128, True, None), (32, 128, 128, True, (8, 4)),
+             (16, 256, 64, False, None), (16, 256, 64, True, None), (64, 128, 64, False, None)]
     script = ("import json, kernel; print(json.dumps([max(kernel.shared_memory(C, m, d, exact=e, num_warps=w)"
-              ".values()) for C, m, d, e, w in [(64, 64, 64, False, None), (64, 64, 64, True, None), "
-              "(64, 64, 64, True, (8, 4)), (32, 128, 128, False, None), (32, 128, 128, True, None), "
-              "(32, 128, 128, True, (8, 4)), (16, 256, 64, False, None), (16, 256, 64, True, None), (64, 128, 64, False, None)]]))")
+              f".values()) for C, m, d, e, w in {sizes!r}]))")
     run = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TRITON_INTERPRET": "0"},
                          capture_output=True, text=True, timeout=900, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert run.returncode == 0, run.stderr[-2000:]
