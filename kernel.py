@@ -206,17 +206,23 @@ def _chunk_decays(lb, offs_c, C: tl.constexpr):
 # (trellis.py, section 3), reached by sweeps that are matrix products. L is strictly lower
 # triangular, so sweep n leaves rows 0..n exact and C - 1 sweeps solve the system. The error
 # shrinks geometrically long before that, so the loop stops once a sweep moves no entry by more
-# than 8 fp32 ulps of the largest one. (Compiled for the GPU, the sweeps settle on a change of
-# about one ulp that never reaches zero, so a stop at exact stationarity would always run all
-# C - 1 sweeps: NOTES.md, section 3.2.) The backward solves the adjoint system (upper
-# triangular) the same way.
+# than a tolerance times the largest one: 8 fp32 ulps (2^-21) with IEEE dots, and 2^-14 with
+# TF32 dots, whose operands are rounded to 2^-11 anyway. (Compiled for the GPU, the sweeps settle
+# on a change of about one ulp that never reaches zero, so a stop at exact stationarity would
+# always run all C - 1 sweeps: NOTES.md, section 3.2.) The backward solves the adjoint system
+# (upper triangular) the same way.
 
 
 @triton.jit
-def _moving(new, old):
-    """Whether a sweep moved some entry by more than 2^-21 (8 fp32 ulps) times the largest |entry|."""
+def _moving(new, old, PREC: tl.constexpr):
+    """Whether a sweep moved some entry by more than the tolerance times the largest |entry|:
+    2^-21 (8 fp32 ulps) for IEEE dots, 2^-14 for TF32 ones."""
     size = tl.max(tl.max(tl.abs(new), 1), 0)
-    return tl.max(tl.max(tl.abs(new - old), 1), 0) > size * 4.76837158203125e-07
+    if PREC == "ieee":
+        tol = 4.76837158203125e-07
+    else:
+        tol = 6.103515625e-05
+    return tl.max(tl.max(tl.abs(new - old), 1), 0) > size * tol
 
 
 @triton.jit
@@ -238,7 +244,7 @@ def _exact_codes_fwd(Z0, Z, L, a, g, mm, M, PHI: tl.constexpr, EPS: tl.constexpr
     moving = True
     while (n < C - 1) & moving:
         U_next = g[:, None] * _code_fwd(Z0 - tl.dot(L, U, input_precision=PREC), a, mm, M, PHI, EPS)
-        moving = _moving(U_next, U)
+        moving = _moving(U_next, U, PREC)
         U = U_next
         n += 1
     return U
@@ -257,7 +263,7 @@ def _exact_codes_bwd(Z, L, a, g, dU, mm, M, PHI: tl.constexpr, EPS: tl.constexpr
     while (n < C - 1) & moving:
         dUt = dU - tl.dot(tl.trans(L), dZ, input_precision=PREC)
         u, dZ_next, da = _code_bwd(Z, a, g[:, None] * dUt, mm, M, PHI, EPS)
-        moving = _moving(dZ_next, dZ)
+        moving = _moving(dZ_next, dZ, PREC)
         dZ = dZ_next
         n += 1
     return dZ, da, tl.sum(dUt * u, 1)
