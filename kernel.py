@@ -2,7 +2,7 @@
 
 Same arguments and result as trellis.trellis_op(..., impl="chunked") with sweeps = 0 (the
 paper's chunk-start rule) or sweeps >= C - 1 (the exact recurrence, solved inside each chunk by
-sweeps that stop once they settle to fp32 rounding); trellis_op(impl="kernel" or "auto") calls
+sweeps that stop once they settle to the dots' rounding); trellis_op(impl="kernel" or "auto") calls
 trellis_op_triton.
 
 The error code makes the memory recurrence nonlinear (Ubar = gamma code(W S^T, A) needs the
