@@ -711,7 +711,7 @@ def test_kernel_fits_hopper_shared_memory():
         assert f"m={m} is not supported" in kernel.unsupported(*probe(d, m), "norm_silu", "norm_silu", C, 0)
 
 
-def test_train_tiny_names_why_the_kernel_cannot_run():
+def test_train_tiny_names_why_the_operator_falls_back():
     """train_tiny's kernel_unsupported (behind --impl kernel's error and the note printed when
     --impl auto falls back to the PyTorch form on a GPU): None for the default model, the
     reason for 256 slots at chunk size 64."""
