@@ -1,4 +1,5 @@
-"""pytest setup: where the Triton kernels run, and how many examples hypothesis draws.
+"""pytest setup: where the Triton kernels run, how many examples hypothesis draws, and one
+warning of Triton's interpreter that is not a fault.
 
 TRITON_INTERPRET must be set before any @triton.jit function is imported, so it is set here,
 before pytest imports the test module. The default, 1, runs the kernels in Triton's CPU
@@ -16,3 +17,10 @@ _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Healt
 settings.register_profile("ci", max_examples=40, **_common)  # CI and the default run
 settings.register_profile("soak", max_examples=400, **_common)  # HYPOTHESIS_PROFILE=soak
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_configure(config):
+    # The interpreter evaluates tl.sigmoid(z) as 1 / (1 + exp(-z)) in numpy: for z below -88
+    # exp overflows to inf and the sigmoid is its correct limit, 0, with a RuntimeWarning.
+    config.addinivalue_line("filterwarnings",
+                            "ignore:overflow encountered in exp:RuntimeWarning:triton.runtime.interpreter")
