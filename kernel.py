@@ -17,7 +17,9 @@ chunks in parallel from the stored chunk-start memories (trellis.py, sections 3 
     backward  _read_bwd_value_kernel, _read_bwd_key_kernel   grid (chunks, B*H): the reads' gradients
               _state_bwd_kernel   grid (B*H, 2 passes), chunks in reverse carrying dS = dLoss/dS:
                                   through the codes (including z's dependence on S) and the updates;
-                                  stores dZ and each chunk's end dS
+                                  stores dZ and each chunk's end dS. In long sequences the backward
+                                  takes the chunks in runs, last run first, so that this kernel
+                                  walks one run while the read kernels differentiate the next
               _state_grads_kernel grid (chunks, B*H, 2 passes): from those, dW and d log beta of
                                   the state updates, every chunk in parallel
 
@@ -50,6 +52,7 @@ Legend: kernel names -> trellis.py's symbols (one head, one chunk of C rows)
 """
 
 import argparse
+import contextlib
 import math
 import os
 import time
@@ -277,10 +280,12 @@ def _exact_codes_bwd(Z, L, a, g, dU, mm, M, PHI: tl.constexpr, EPS: tl.constexpr
 def _state_fwd_kernel(k, v, al, LB, GM, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC,
                       DK, DV, M, BD: tl.constexpr, BM: tl.constexpr,
                       C: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
-                      EXACT: tl.constexpr):
+                      EXACT: tl.constexpr, EVEN: tl.constexpr):
     """Grid (B*H, 2 passes). Per chunk: Z = W Sᵀ (EXACT: the per-token z, _exact_codes_fwd),
     U = γ code(Z, α), S <- e^{b_C} S - (U ⊙ to_end)ᵀ W.
     Stores each chunk's start state [B,H,NC,m,d] and U [B,T,H,m] for the parallel kernels."""
+    if EVEN:  # every size equals its block: strides, masks and divisors are known when compiling
+        DK, DV, M = BD, BD, BM
     pid = tl.program_id(0)
     if tl.program_id(1) == 0:  # key pass: write vectors k, memory K
         W, S0, SS, UU, ST, D = k, K0, SK, UK, KT, DK
@@ -319,9 +324,11 @@ def _state_fwd_kernel(k, v, al, LB, GM, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC
 def _read_fwd_kernel(q, k, v, LB, SK, SV, UK, UV, o, YK, T, H, NC,
                      DK, DV, M,
                      BDK: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, C: tl.constexpr,
-                     F: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
+                     F: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr, EVEN: tl.constexpr):
     """Grid (NC, B*H): one chunk's reads from its start states and stored codes:
     Yhat = e^b q Kᵀ - ((q kᵀ) ⊙ Γ) Uk,  R = f(Yhat),  O = e^b R V - ((R Uvᵀ) ⊙ Γ) v."""
+    if EVEN:
+        DK, DV, M = BDK, BDV, BM
     ci, pid = tl.program_id(0), tl.program_id(1)
     bi, h, s_b, s_t, gb, oc, t, tm = _chunk_rows(ci, pid, T, H, C)
     odk, odv, om = tl.arange(0, BDK), tl.arange(0, BDV), tl.arange(0, BM)
@@ -351,12 +358,15 @@ def _read_fwd_kernel(q, k, v, LB, SK, SV, UK, UV, o, YK, T, H, NC,
 
 
 @triton.jit
-def _read_bwd_value_kernel(v, LB, SV, UV, YK, do, dv, dUV, dSV, dYK, dlb, T, H, NC,
+def _read_bwd_value_kernel(v, LB, SV, UV, YK, do, dv, dUV, dSV, dYK, dlb, T, H, NC, C0,
                            DV, M, BDV: tl.constexpr, BM: tl.constexpr,
-                           C: tl.constexpr, F: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
-    """Grid (NC, B*H). The value pass's read O = e^b R V - ((R Uvᵀ) ⊙ Γ) v with R = f(Yhat):
+                           C: tl.constexpr, F: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
+                           EVEN: tl.constexpr):
+    """Grid (chunks of a run, B*H), chunk C0 + program_id(0). The value pass's read O = e^b R V - ((R Uvᵀ) ⊙ Γ) v with R = f(Yhat):
     the read parts of dv, dUv, d log beta, dS_read per chunk, and dYhat for the key pass."""
-    ci, pid = tl.program_id(0), tl.program_id(1)
+    if EVEN:
+        DV, M = BDV, BM
+    ci, pid = C0 + tl.program_id(0), tl.program_id(1)
     bi, h, s_b, s_t, gb, oc, t, tm = _chunk_rows(ci, pid, T, H, C)
     odv, om = tl.arange(0, BDV), tl.arange(0, BM)
     mm = (om < M)[None, :]
@@ -384,12 +394,14 @@ def _read_bwd_value_kernel(v, LB, SV, UV, YK, do, dv, dUV, dSV, dYK, dlb, T, H, 
 
 
 @triton.jit
-def _read_bwd_key_kernel(q, k, LB, SK, UK, dYK, dq, dk, dUK, dSK, dlb, T, H, NC,
+def _read_bwd_key_kernel(q, k, LB, SK, UK, dYK, dq, dk, dUK, dSK, dlb, T, H, NC, C0,
                          DK, M, BDK: tl.constexpr, BM: tl.constexpr,
-                         C: tl.constexpr, PREC: tl.constexpr):
-    """Grid (NC, B*H). The key pass's read Yhat = e^b q Kᵀ - ((q kᵀ) ⊙ Γ) Uk: dq (final), the
+                         C: tl.constexpr, PREC: tl.constexpr, EVEN: tl.constexpr):
+    """Grid (chunks of a run, B*H), chunk C0 + program_id(0). The key pass's read Yhat = e^b q Kᵀ - ((q kᵀ) ⊙ Γ) Uk: dq (final), the
     read parts of dk, dUk, dS_read per chunk, and its share of d log beta (added)."""
-    ci, pid = tl.program_id(0), tl.program_id(1)
+    if EVEN:
+        DK, M = BDK, BM
+    ci, pid = C0 + tl.program_id(0), tl.program_id(1)
     bi, h, s_b, s_t, gb, oc, t, tm = _chunk_rows(ci, pid, T, H, C)
     odk, om = tl.arange(0, BDK), tl.arange(0, BM)
     mm = (om < M)[None, :]
@@ -417,15 +429,18 @@ def _read_bwd_key_kernel(q, k, LB, SK, UK, dYK, dq, dk, dUK, dSK, dlb, T, H, NC,
 
 @triton.jit
 def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT, dVT, dalK, dalV,
-                      dgmK, dgmV, dK0, dV0, T, H, NC,
+                      dgmK, dgmV, dK0, dV0, T, H, NC, C0, NCS,
                       DK, DV, M, BD: tl.constexpr, BM: tl.constexpr,
                       C: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
-                      EXACT: tl.constexpr):
-    """Grid (B*H, 2 passes), chunks in reverse carrying dS = dL/d(state at the chunk's end); only
+                      EXACT: tl.constexpr, EVEN: tl.constexpr):
+    """Grid (B*H, 2 passes), chunks C0 + NCS - 1 down to C0 carrying dS = dL/d(state at the chunk's
+    end), from dKT, dVT (the segment's end) to dK0, dV0 (its start); only
     what the next dS needs: dU = dU_read - to_end ⊙ (W dSᵀ), (dZ, dα, dγ) through the code,
     dS <- e^{b_C} dS + dS_read + dZᵀ W. It overwrites each chunk's dS_read with the dS at the
     chunk's end and dU_read with dZ, for _state_grads_kernel. EXACT: dZ from _exact_codes_bwd,
     stored before its scaling by e^{b_{i-1}} (Z = diag(e^{b_{i-1}}) W Sᵀ - L U)."""
+    if EVEN:  # every size equals its block: strides, masks and divisors are known when compiling
+        DK, DV, M = BD, BD, BM
     pid = tl.program_id(0)
     if tl.program_id(1) == 0:
         W, SS, UU, dUU, dSR, dST, dal, dgm, dS0, D = k, SK, UK, dUK, dSK, dKT, dalK, dgmK, dK0, DK
@@ -440,8 +455,8 @@ def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT,
     loc = om[:, None] * D + od[None, :]
     dS = tl.load(dST + pid * M * D + loc, mask=smask, other=0.0)
     row_w, row_m = bi * s_b * D + h * D, bi * s_b * M + h * M
-    for cj in range(0, NC):
-        ci = NC - 1 - cj
+    for cj in range(0, NCS):
+        ci = C0 + NCS - 1 - cj
         t = ci * C + oc
         tm = t < T
         S = tl.load(SS + (pid * NC + ci) * M * D + loc, mask=smask, other=0.0)
@@ -479,11 +494,13 @@ def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT,
 @triton.jit
 def _state_grads_kernel(k, v, LB, SK, SV, UK, UV, dZK, dZV, dSK, dSV, dk, dv, dlbK, dlbV, T, H, NC,
                         DK, DV, M, BD: tl.constexpr, BM: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
-                        EXACT: tl.constexpr):
+                        EXACT: tl.constexpr, EVEN: tl.constexpr):
     """Grid (NC, B*H, 2 passes), every chunk in parallel once _state_bwd_kernel has stored its dZ
     and the dS at its end: the state updates' share of dW (added to the reads'),
     dW += dZ S - (U ⊙ to_end) dS, and d log beta (through e^{b_C}, to_end and, EXACT, through
     Z = diag(e^{b_{i-1}}) W Sᵀ - L U with L = (W Wᵀ) ⊙ Γ')."""
+    if EVEN:  # every size equals its block: strides, masks and divisors are known when compiling
+        DK, DV, M = BD, BD, BM
     ci, pid = tl.program_id(0), tl.program_id(1)
     if tl.program_id(2) == 0:
         W, SS, UU, dZZ, dSE, dW, dlb, D = k, SK, UK, dZK, dSK, dk, dlbK, DK
@@ -537,7 +554,8 @@ def _launch_config(DK, DV, M, C, phi, f, phi_eps, f_eps, exact, prec, num_warps)
     the next chunk; the parallel ones have no loop to pipeline (shared_memory() reports each
     kernel's bytes). The sequential kernels evaluate phi's code, the read kernels f: each has
     its own eps."""
-    dims = dict(DK=DK, DV=DV, M=M, BM=_block(M), C=C, PREC=prec)
+    even = DK == DV == _block(DK) and M == _block(M)  # no padding: sizes known when compiling
+    dims = dict(DK=DK, DV=DV, M=M, BM=_block(M), C=C, PREC=prec, EVEN=even)
     seq = dict(dims, BD=max(_block(DK), _block(DV)), PHI=_PHI_ID[phi], EPS=phi_eps, EXACT=exact,
                num_warps=num_warps[0], num_stages=2)
     par = dict(dims, BDK=_block(DK), BDV=_block(DV), F=_F_ID[f], EPS=f_eps, num_warps=num_warps[1], num_stages=1)
@@ -545,12 +563,37 @@ def _launch_config(DK, DV, M, C, phi, f, phi_eps, f_eps, exact, prec, num_warps)
     return seq, par, grads
 
 
+def _segments(NC, n):
+    """Up to n consecutive runs of chunks (first chunk, count) covering chunks 0 .. NC - 1."""
+    n = max(1, min(n, NC))
+    edges = [NC * i // n for i in range(n + 1)]
+    return [(a, b - a) for a, b in zip(edges, edges[1:])]
+
+
+_SIDE_STREAMS = {}
+
+
+def _side_stream(device):
+    """The stream of the backward's sequential kernel when it overlaps the read kernels, one per
+    GPU. High priority: when a read kernel's program ends, the scheduler gives the freed
+    multiprocessor to the sequential kernel first."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device, priority=-1)
+    return _SIDE_STREAMS[device]
+
+
 class TrellisChunkFn(torch.autograd.Function):
     """(q, k, v, alpha, log_beta, gamma, K0, V0) -> (o, K_T, V_T); q..alpha [B,T,H,*] contiguous,
-    log_beta, gamma [B,T,H] fp32, K0, V0 [B,H,m,d] fp32."""
+    log_beta, gamma [B,T,H] fp32, K0, V0 [B,H,m,d] fp32.
+
+    segments > 1 cuts the backward's chunks into that many runs, so that _state_bwd_kernel walks
+    the last run while the read kernels differentiate the others: it goes to a side stream and
+    waits only for the reads of the run it is about to walk. On the CPU (the interpreter) the
+    same launches run in order."""
 
     @staticmethod
-    def forward(ctx, q, k, v, alpha, log_beta, gamma, K0, V0, phi, f, phi_eps, f_eps, C, exact, prec, num_warps):
+    def forward(ctx, q, k, v, alpha, log_beta, gamma, K0, V0, phi, f, phi_eps, f_eps, C, exact, prec, num_warps,
+                segments):
         B, T, H, DK = q.shape
         DV, M = v.shape[-1], alpha.shape[-1]
         NC = triton.cdiv(T, C)
@@ -564,7 +607,7 @@ class TrellisChunkFn(torch.autograd.Function):
         YK = torch.empty(alpha.shape, **f32)  # the key pass's read yhat, kept for the backward
         _read_fwd_kernel[(NC, B * H)](q, k, v, log_beta, SK, SV, UK, UV, o, YK, T, H, NC, **par)
         ctx.save_for_backward(q, k, v, alpha, log_beta, gamma, SK, SV, UK, UV, YK)
-        ctx.seq, ctx.par, ctx.grads, ctx.NC = seq, par, grads, NC
+        ctx.seq, ctx.par, ctx.grads, ctx.NC, ctx.segments = seq, par, grads, NC, segments
         return o, KT, VT
 
     @staticmethod
@@ -581,23 +624,36 @@ class TrellisChunkFn(torch.autograd.Function):
         dSK, dSV = torch.empty_like(SK), torch.empty_like(SV)  # per chunk, the reads' dL/dS
         dlb_read = torch.empty_like(log_beta)
         dYK = torch.empty(alpha.shape, **f32)
-        p = ctx.par
-        _read_bwd_value_kernel[(NC, B * H)](v, log_beta, SV, UV, YK, do, dv, dUV, dSV, dYK, dlb_read, T, H, NC,
-                                            **{n: p[n] for n in ("DV", "M", "BDV", "BM", "C", "F", "EPS", "PREC",
-                                                                 "num_warps", "num_stages")})
-        _read_bwd_key_kernel[(NC, B * H)](q, k, log_beta, SK, UK, dYK, dq, dk, dUK, dSK, dlb_read, T, H, NC,
-                                          **{n: p[n] for n in ("DK", "M", "BDK", "BM", "C", "PREC",
-                                                               "num_warps", "num_stages")})
         dalK, dalV = torch.empty(alpha.shape, **f32), torch.empty(alpha.shape, **f32)
         dlbK, dlbV, dgmK, dgmV = (torch.empty_like(log_beta) for _ in range(4))
-        dK0, dV0 = torch.empty_like(dKT), torch.empty_like(dVT)
-        _state_bwd_kernel[(B * H, 2)](k, v, alpha, log_beta, gamma, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT, dVT,
-                                      dalK, dalV, dgmK, dgmV, dK0, dV0, T, H, NC, **ctx.seq)
+        runs = _segments(NC, ctx.segments)
+        dKs = [torch.empty_like(dKT) for _ in runs] + [dKT]  # dL/d(state) where runs meet; dKs[0] = dL/dK0
+        dVs = [torch.empty_like(dVT) for _ in runs] + [dVT]
+        p = ctx.par
+        side = _side_stream(q.device) if q.is_cuda and len(runs) > 1 else None
+        main = torch.cuda.current_stream(q.device) if side else None
+        for r in reversed(range(len(runs))):
+            c0, n = runs[r]
+            _read_bwd_value_kernel[(n, B * H)](v, log_beta, SV, UV, YK, do, dv, dUV, dSV, dYK, dlb_read, T, H, NC, c0,
+                                               **{x: p[x] for x in ("DV", "M", "BDV", "BM", "C", "F", "EPS", "PREC",
+                                                                    "EVEN", "num_warps", "num_stages")})
+            _read_bwd_key_kernel[(n, B * H)](q, k, log_beta, SK, UK, dYK, dq, dk, dUK, dSK, dlb_read, T, H, NC, c0,
+                                             **{x: p[x] for x in ("DK", "M", "BDK", "BM", "C", "PREC", "EVEN",
+                                                                  "num_warps", "num_stages")})
+            if side:
+                side.wait_stream(main)  # this run's reads (and, the first time, every input)
+            with torch.cuda.stream(side) if side else contextlib.nullcontext():
+                _state_bwd_kernel[(B * H, 2)](k, v, alpha, log_beta, gamma, SK, SV, UK, UV, dUK, dUV, dSK, dSV,
+                                              dKs[r + 1], dVs[r + 1], dalK, dalV, dgmK, dgmV, dKs[r], dVs[r],
+                                              T, H, NC, c0, n, **ctx.seq)
+        if side:
+            main.wait_stream(side)
         # dUK, dUV now hold dZ and dSK, dSV the dS at each chunk's end
         _state_grads_kernel[(NC, B * H, 2)](k, v, log_beta, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dk, dv, dlbK, dlbV,
                                             T, H, NC, **ctx.grads)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), (dalK + dalV).to(alpha.dtype),
-                dlb_read + dlbK + dlbV, dgmK + dgmV, dK0, dV0, None, None, None, None, None, None, None, None)
+                dlb_read + dlbK + dlbV, dgmK + dgmV, dKs[0], dVs[0], None, None, None, None, None, None, None, None,
+                None)
 
 
 def default_warps(m, exact=False, programs=None, sms=None):
@@ -611,6 +667,15 @@ def default_warps(m, exact=False, programs=None, sms=None):
     if exact and programs is not None and sms is not None and programs <= sms:
         return (8, 4)
     return (4, 4)
+
+
+def default_segments(programs=None, sms=None):
+    """Runs of chunks in the backward (TrellisChunkFn): 8 when the sequential kernels' `programs`
+    (B*H*2) leave at least half of the GPU's `sms` multiprocessors to the read kernels, as in long
+    sequences; else 1 (NOTES.md, section 3.2)."""
+    if programs is not None and sms is not None and 2 * programs <= sms:
+        return 8
+    return 1
 
 
 def unsupported(q, v, alpha, phi, f, chunk_size, sweeps):
@@ -641,12 +706,13 @@ def unsupported(q, v, alpha, phi, f, chunk_size, sweeps):
 
 
 def trellis_op_triton(q, k, v, alpha, beta, gamma, K0=None, V0=None, *, phi, f, phi_eps, f_eps, chunk_size=64,
-                      sweeps=0, precision=None, num_warps=None):
+                      sweeps=0, precision=None, num_warps=None, segments=None):
     """The Triton form of trellis.trellis_op: the chunk-start rule (sweeps = 0) or the exact
     recurrence (sweeps >= C - 1). Inputs as there (trellis_op checks them before it calls
     this); phi_eps and f_eps are the LayerNorm epsilons of phi and f. Every dot runs on fp32
     operands; precision "tf32" or "ieee" says how (None: DEFAULT_PRECISION). num_warps:
-    (sequential kernels, parallel kernels), None: default_warps()."""
+    (sequential kernels, parallel kernels), None: default_warps(). segments: runs of chunks
+    whose parallel kernels overlap the sequential ones (TrellisChunkFn), None: default_segments()."""
     why = unsupported(q, v, alpha, phi, f, chunk_size, sweeps)
     if why:
         raise ValueError("kernel: " + why)
@@ -660,11 +726,13 @@ def trellis_op_triton(q, k, v, alpha, beta, gamma, K0=None, V0=None, *, phi, f, 
     K0 = q.new_zeros(B, H, m, dk, dtype=torch.float32) if K0 is None else K0.float().contiguous()
     V0 = q.new_zeros(B, H, m, dv, dtype=torch.float32) if V0 is None else V0.float().contiguous()
     exact = sweeps >= chunk_size - 1 > 0  # the per-token recurrence inside each chunk
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else None
     if num_warps is None:
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else None
         num_warps = default_warps(m, exact, B * H * 2, sms)
+    if segments is None:
+        segments = default_segments(B * H * 2, sms)
     o, KT, VT = TrellisChunkFn.apply(q, k, v, alpha, log_beta, gamma, K0, V0, phi, f, phi_eps, f_eps, chunk_size,
-                                     exact, precision, num_warps)
+                                     exact, precision, num_warps, segments)
     return o.to(v.dtype), KT, VT
 
 
@@ -879,7 +947,7 @@ def shared_memory(C, m, d, phi="norm_silu", f="norm_silu", exact=False, num_warp
                        (_read_bwd_key_kernel, par), (_state_bwd_kernel, seq), (_state_grads_kernel, grads)]:
         warps, stages = launch["num_warps"], launch["num_stages"]
         consts = {k: v for k, v in launch.items() if k in fn.arg_names and k not in ("DK", "DV", "M")}
-        sig = {a: "constexpr" if a in consts else "i32" if a in ("T", "H", "NC", "DK", "DV", "M") else "*fp32"
+        sig = {a: "constexpr" if a in consts else "i32" if a in ("T", "H", "NC", "C0", "NCS", "DK", "DV", "M") else "*fp32"
                for a in fn.arg_names}
         src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 128),

@@ -13,7 +13,7 @@ Each test's docstring states the claim it checks.
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -580,6 +580,12 @@ def kernel_op(*ins, phi="norm_silu", f="norm_silu", **kw):
     return kernel.trellis_op_triton(*ins, phi=phi, f=f, phi_eps=cfg.phi_eps, f_eps=cfg.f_eps, precision="ieee", **kw)
 
 
+def kernel_sizes(p, even):
+    """p, or p with d_k = d_v = m = 16: the kernel's other variant, whose sizes equal their
+    power-of-two blocks and are compiled in (no padding, no masks on slots or columns)."""
+    return replace(p, dk=16, dv=16, m=16) if even else p
+
+
 def on_kernel_device(ins):
     return [t.to(KERNEL_DEVICE) for t in ins]
 
@@ -589,29 +595,34 @@ def as_reference(ts):
     return [t.detach().double().cpu() for t in ts]
 
 
-@given(p=problems(max_T=40, max_d=20), C=st.sampled_from([16, 32]), phi=st.sampled_from(PHIS),
-       f=st.sampled_from(FS))
-def test_kernel_equals_chunked_form(p, C, phi, f):
+@given(p=problems(max_T=40, max_d=20), even=st.booleans(), C=st.sampled_from([16, 32]),
+       segments=st.sampled_from([1, 2, 3]), phi=st.sampled_from(PHIS), f=st.sampled_from(FS))
+def test_kernel_equals_chunked_form(p, even, C, segments, phi, f):
     """The Triton forward and hand-written backward equal the float64 PyTorch chunked form on the
     same inputs: outputs, final states and the gradients of every input, with odd d_k, d_v, m
-    (masked), T not a multiple of C, gates at extremes, nonzero initial states."""
+    (masked) or power-of-two ones, T not a multiple of C, gates at extremes, nonzero initial
+    states, and the backward in one run of chunks or several (dS handed from run to run)."""
+    p = kernel_sizes(p, even)
     ins = make_inputs(p, dtype=torch.float32)
     want, gwant = outputs_and_grads(as_reference(ins), p.seed, phi=phi, f=f, chunk_size=C, impl="chunked")
-    got, ggot = outputs_and_grads(on_kernel_device(ins), p.seed, op=kernel_op, phi=phi, f=f, chunk_size=C)
+    got, ggot = outputs_and_grads(on_kernel_device(ins), p.seed, op=kernel_op, phi=phi, f=f, chunk_size=C,
+                                  segments=segments)
     assert_all_close(as_reference(got), want, 2e-4, ["o", "K", "V"])
     assert_all_close(as_reference(ggot), gwant, 2e-4, GRAD_NAMES)
 
 
-@given(p=problems(max_T=40, max_d=20), C=st.sampled_from([16, 32]), extra=st.sampled_from([0, 5]),
-       phi=st.sampled_from(PHIS), f=st.sampled_from(FS))
-def test_kernel_exact_equals_recurrence(p, C, extra, phi, f):
+@given(p=problems(max_T=40, max_d=20), even=st.booleans(), C=st.sampled_from([16, 32]),
+       extra=st.sampled_from([0, 5]), segments=st.sampled_from([1, 2, 3]), phi=st.sampled_from(PHIS),
+       f=st.sampled_from(FS))
+def test_kernel_exact_equals_recurrence(p, even, C, extra, segments, phi, f):
     """With sweeps >= C - 1 the kernel runs the exact recurrence (the fixed point solved inside
     each chunk, and the transposed system in the backward): it equals the float64 per-token
     loop, outputs, final states and every gradient."""
+    p = kernel_sizes(p, even)
     ins = make_inputs(p, dtype=torch.float32)
     want, gwant = outputs_and_grads(as_reference(ins), p.seed, phi=phi, f=f, chunk_size=1, impl="loop")
     got, ggot = outputs_and_grads(on_kernel_device(ins), p.seed, op=kernel_op, phi=phi, f=f, chunk_size=C,
-                                  sweeps=C - 1 + extra)
+                                  sweeps=C - 1 + extra, segments=segments)
     assert_all_close(as_reference(got), want, 2e-4, ["o", "K", "V"])
     assert_all_close(as_reference(ggot), gwant, 2e-4, GRAD_NAMES)
 
@@ -731,6 +742,17 @@ def test_kernel_default_warps():
     assert kernel.default_warps(64, False, 32, 132) == kernel.default_warps(64, True, 32, None) == (4, 4)
     assert kernel.default_warps(64, True, 132, 132) == (8, 4)
     assert kernel.default_warps(200) == kernel.default_warps(256, True, 32, 132) == (8, 8)
+
+
+def test_kernel_default_segments():
+    """The backward in 8 runs of chunks when its B*H*2 sequential programs leave at least half
+    of the multiprocessors to the read kernels, else (or off the GPU) in one."""
+    import kernel
+
+    assert kernel.default_segments(32, 132) == kernel.default_segments(66, 132) == 8
+    assert kernel.default_segments(67, 132) == kernel.default_segments(512, 132) == kernel.default_segments() == 1
+    assert kernel._segments(5, 8) == [(0, 1), (1, 1), (2, 1), (3, 1), (4, 1)]
+    assert kernel._segments(10, 3) == [(0, 3), (3, 3), (6, 4)]
 
 
 @pytest.mark.parametrize("kw,msg", [
