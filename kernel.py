@@ -417,7 +417,8 @@ def _read_bwd_key_kernel(q, k, LB, SK, UK, dYK, dq, dk, dUK, dSK, dlb, T, H, NC,
     G = dPk * Pk
     db = tl.sum(dYk * tl.dot(qq, tl.trans(Ks), input_precision=PREC), 1) * eb + tl.sum(G, 1) - tl.sum(G, 0)
     dqq = eb[:, None] * tl.dot(dYk, Ks, input_precision=PREC) + tl.dot(dPk, kk, input_precision=PREC)
-    tl.store(dq + row_k + t[:, None] * s_t * DK + odk[None, :], dqq, mask=tm[:, None] & (odk[None, :] < DK))
+    tl.store(dq + row_k + t[:, None] * s_t * DK + odk[None, :], dqq.to(dq.dtype.element_ty),
+             mask=tm[:, None] & (odk[None, :] < DK))
     tl.store(dk + row_k + t[:, None] * s_t * DK + odk[None, :], tl.dot(tl.trans(dPk), qq, input_precision=PREC),
              mask=tm[:, None] & (odk[None, :] < DK))
     tl.store(dUK + row_m + t[:, None] * s_t * M + om[None, :],
@@ -492,20 +493,20 @@ def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT,
 
 
 @triton.jit
-def _state_grads_kernel(k, v, LB, SK, SV, UK, UV, dZK, dZV, dSK, dSV, dk, dv, dlbK, dlbV, T, H, NC,
+def _state_grads_kernel(k, v, LB, SK, SV, UK, UV, dZK, dZV, dSK, dSV, dk, dv, dkf, dvf, dlbK, dlbV, T, H, NC,
                         DK, DV, M, BD: tl.constexpr, BM: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
                         EXACT: tl.constexpr, EVEN: tl.constexpr):
     """Grid (NC, B*H, 2 passes), every chunk in parallel once _state_bwd_kernel has stored its dZ
-    and the dS at its end: the state updates' share of dW (added to the reads'),
-    dW += dZ S - (U ⊙ to_end) dS, and d log beta (through e^{b_C}, to_end and, EXACT, through
-    Z = diag(e^{b_{i-1}}) W Sᵀ - L U with L = (W Wᵀ) ⊙ Γ')."""
+    and the dS at its end: the state updates' share of dW, dZ S - (U ⊙ to_end) dS, added to the
+    reads' share (dk, dv) and stored in the inputs' dtype (dkf, dvf); and d log beta (through
+    e^{b_C}, to_end and, EXACT, through Z = diag(e^{b_{i-1}}) W Sᵀ - L U with L = (W Wᵀ) ⊙ Γ')."""
     if EVEN:  # every size equals its block: strides, masks and divisors are known when compiling
         DK, DV, M = BD, BD, BM
     ci, pid = tl.program_id(0), tl.program_id(1)
     if tl.program_id(2) == 0:
-        W, SS, UU, dZZ, dSE, dW, dlb, D = k, SK, UK, dZK, dSK, dk, dlbK, DK
+        W, SS, UU, dZZ, dSE, dW, dWf, dlb, D = k, SK, UK, dZK, dSK, dk, dkf, dlbK, DK
     else:
-        W, SS, UU, dZZ, dSE, dW, dlb, D = v, SV, UV, dZV, dSV, dv, dlbV, DV
+        W, SS, UU, dZZ, dSE, dW, dWf, dlb, D = v, SV, UV, dZV, dSV, dv, dvf, dlbV, DV
     bi, h, s_b, s_t, gb, oc, t, tm = _chunk_rows(ci, pid, T, H, C)
     od, om = tl.arange(0, BD), tl.arange(0, BM)
     S, _, _ = _load_state(SS, pid * NC + ci, om, od, M, D)
@@ -533,7 +534,7 @@ def _state_grads_kernel(k, v, LB, SK, SV, UK, UV, dZK, dZV, dSK, dSV, dk, dv, dl
         db_prev = tl.zeros([C], dtype=tl.float32)
         db_extra = db_prev
     dWc += tl.dot(dZ, S, input_precision=PREC) - tl.dot(U * to_end[:, None], dS, input_precision=PREC)
-    tl.store(dW + rows_w, dWc, mask=wmask)
+    tl.store(dWf + rows_w, dWc.to(dWf.dtype.element_ty), mask=wmask)  # final: in the inputs' dtype
     gd = -tl.sum(U * tl.dot(w, tl.trans(dS), input_precision=PREC), 1) * to_end  # through to_end = e^{b_C - b}
     db = tl.where(oc == C - 1, tl.sum(tl.sum(dS * S, 1), 0) * tl.exp(b_c) + tl.sum(gd, 0), 0.0) - gd + db_extra
     # d log beta_j = sum_{i>=j} db_i, less the b_{i-1} = b_i - log beta_i share
@@ -619,7 +620,9 @@ class TrellisChunkFn(torch.autograd.Function):
         do = do.contiguous()
         dKT = torch.zeros(B, H, M, DK, **f32) if dKT is None else dKT.float().contiguous()
         dVT = torch.zeros(B, H, M, DV, **f32) if dVT is None else dVT.float().contiguous()
-        dq, dk, dv = torch.empty(q.shape, **f32), torch.empty(k.shape, **f32), torch.empty(v.shape, **f32)
+        dq = torch.empty_like(q)  # final after _read_bwd_key_kernel; dk, dv: the reads' shares, fp32
+        dk, dv = torch.empty(k.shape, **f32), torch.empty(v.shape, **f32)
+        dkf, dvf = (dk, dv) if k.dtype == torch.float32 else (torch.empty_like(k), torch.empty_like(v))
         dUK, dUV = torch.empty(alpha.shape, **f32), torch.empty(alpha.shape, **f32)
         dSK, dSV = torch.empty_like(SK), torch.empty_like(SV)  # per chunk, the reads' dL/dS
         dlb_read = torch.empty_like(log_beta)
@@ -649,9 +652,9 @@ class TrellisChunkFn(torch.autograd.Function):
         if side:
             main.wait_stream(side)
         # dUK, dUV now hold dZ and dSK, dSV the dS at each chunk's end
-        _state_grads_kernel[(NC, B * H, 2)](k, v, log_beta, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dk, dv, dlbK, dlbV,
-                                            T, H, NC, **ctx.grads)
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), (dalK + dalV).to(alpha.dtype),
+        _state_grads_kernel[(NC, B * H, 2)](k, v, log_beta, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dk, dv, dkf, dvf,
+                                            dlbK, dlbV, T, H, NC, **ctx.grads)
+        return (dq, dkf, dvf, (dalK + dalV).to(alpha.dtype),
                 dlb_read + dlbK + dlbV, dgmK + dgmV, dKs[0], dVs[0], None, None, None, None, None, None, None, None,
                 None)
 
