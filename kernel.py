@@ -46,6 +46,9 @@ Legend: kernel names -> trellis.py's symbols (one head, one chunk of C rows)
     qq, kk, vv, R        q, k, v rows and r = f(yhat) rows of the chunk
     Uk, Uv, Yk           Ubar of the key / value pass and yhat, [C, m]
     mm, tm               masks: real slots (m may be padded to a power of 2), real times (T % C)
+  launch constants
+    C0, NCS              a run of chunks: its first chunk and its length (the backward in runs)
+    EVEN                 d_k = d_v and m equal their power-of-two blocks: sizes compiled in
 
     python kernel.py                  # GPU: check against the PyTorch forms, then the benchmark table
     python kernel.py --device cpu     # CPU: the PyTorch loop vs chunked table
