@@ -365,7 +365,8 @@ def _read_bwd_value_kernel(v, LB, SV, UV, YK, do, dv, dUV, dSV, dYK, dlb, T, H, 
                            DV, M, BDV: tl.constexpr, BM: tl.constexpr,
                            C: tl.constexpr, F: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
                            EVEN: tl.constexpr):
-    """Grid (chunks of a run, B*H), chunk C0 + program_id(0). The value pass's read O = e^b R V - ((R Uvᵀ) ⊙ Γ) v with R = f(Yhat):
+    """Grid (chunks of a run, B*H), chunk C0 + program_id(0). The value pass's read
+    O = e^b R V - ((R Uvᵀ) ⊙ Γ) v with R = f(Yhat):
     the read parts of dv, dUv, d log beta, dS_read per chunk, and dYhat for the key pass."""
     if EVEN:
         DV, M = BDV, BM
@@ -400,7 +401,8 @@ def _read_bwd_value_kernel(v, LB, SV, UV, YK, do, dv, dUV, dSV, dYK, dlb, T, H, 
 def _read_bwd_key_kernel(q, k, LB, SK, UK, dYK, dq, dk, dUK, dSK, dlb, T, H, NC, C0,
                          DK, M, BDK: tl.constexpr, BM: tl.constexpr,
                          C: tl.constexpr, PREC: tl.constexpr, EVEN: tl.constexpr):
-    """Grid (chunks of a run, B*H), chunk C0 + program_id(0). The key pass's read Yhat = e^b q Kᵀ - ((q kᵀ) ⊙ Γ) Uk: dq (final), the
+    """Grid (chunks of a run, B*H), chunk C0 + program_id(0). The key pass's read
+    Yhat = e^b q Kᵀ - ((q kᵀ) ⊙ Γ) Uk: dq (final), the
     read parts of dk, dUk, dS_read per chunk, and its share of d log beta (added)."""
     if EVEN:
         DK, M = BDK, BM
@@ -438,7 +440,7 @@ def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT,
                       C: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
                       EXACT: tl.constexpr, EVEN: tl.constexpr):
     """Grid (B*H, 2 passes), chunks C0 + NCS - 1 down to C0 carrying dS = dL/d(state at the chunk's
-    end), from dKT, dVT (the segment's end) to dK0, dV0 (its start); only
+    end), from dKT, dVT (the run's end) to dK0, dV0 (its start); only
     what the next dS needs: dU = dU_read - to_end ⊙ (W dSᵀ), (dZ, dα, dγ) through the code,
     dS <- e^{b_C} dS + dS_read + dZᵀ W. It overwrites each chunk's dS_read with the dS at the
     chunk's end and dU_read with dZ, for _state_grads_kernel. EXACT: dZ from _exact_codes_bwd,
@@ -567,7 +569,7 @@ def _launch_config(DK, DV, M, C, phi, f, phi_eps, f_eps, exact, prec, num_warps)
     return seq, par, grads
 
 
-def _segments(NC, n):
+def _runs(NC, n):
     """Up to n consecutive runs of chunks (first chunk, count) covering chunks 0 .. NC - 1."""
     n = max(1, min(n, NC))
     edges = [NC * i // n for i in range(n + 1)]
@@ -590,14 +592,14 @@ class TrellisChunkFn(torch.autograd.Function):
     """(q, k, v, alpha, log_beta, gamma, K0, V0) -> (o, K_T, V_T); q..alpha [B,T,H,*] contiguous,
     log_beta, gamma [B,T,H] fp32, K0, V0 [B,H,m,d] fp32.
 
-    segments > 1 cuts the backward's chunks into that many runs, so that _state_bwd_kernel walks
+    runs > 1 cuts the backward's chunks into that many runs, so that _state_bwd_kernel walks
     the last run while the read kernels differentiate the others: it goes to a side stream and
     waits only for the reads of the run it is about to walk. On the CPU (the interpreter) the
     same launches run in order."""
 
     @staticmethod
     def forward(ctx, q, k, v, alpha, log_beta, gamma, K0, V0, phi, f, phi_eps, f_eps, C, exact, prec, num_warps,
-                segments):
+                runs):
         B, T, H, DK = q.shape
         DV, M = v.shape[-1], alpha.shape[-1]
         NC = triton.cdiv(T, C)
@@ -611,7 +613,7 @@ class TrellisChunkFn(torch.autograd.Function):
         YK = torch.empty(alpha.shape, **f32)  # the key pass's read yhat, kept for the backward
         _read_fwd_kernel[(NC, B * H)](q, k, v, log_beta, SK, SV, UK, UV, o, YK, T, H, NC, **par)
         ctx.save_for_backward(q, k, v, alpha, log_beta, gamma, SK, SV, UK, UV, YK)
-        ctx.seq, ctx.par, ctx.grads, ctx.NC, ctx.segments = seq, par, grads, NC, segments
+        ctx.seq, ctx.par, ctx.grads, ctx.NC, ctx.runs = seq, par, grads, NC, runs
         return o, KT, VT
 
     @staticmethod
@@ -632,14 +634,14 @@ class TrellisChunkFn(torch.autograd.Function):
         dYK = torch.empty(alpha.shape, **f32)
         dalK, dalV = torch.empty(alpha.shape, **f32), torch.empty(alpha.shape, **f32)
         dlbK, dlbV, dgmK, dgmV = (torch.empty_like(log_beta) for _ in range(4))
-        runs = _segments(NC, ctx.segments)
-        dKs = [torch.empty_like(dKT) for _ in runs] + [dKT]  # dL/d(state) where runs meet; dKs[0] = dL/dK0
-        dVs = [torch.empty_like(dVT) for _ in runs] + [dVT]
+        spans = _runs(NC, ctx.runs)  # (first chunk, count) of each run
+        dKs = [torch.empty_like(dKT) for _ in spans] + [dKT]  # dL/d(state) where runs meet; dKs[0] = dL/dK0
+        dVs = [torch.empty_like(dVT) for _ in spans] + [dVT]
         p = ctx.par
-        side = _side_stream(q.device) if q.is_cuda and len(runs) > 1 else None
+        side = _side_stream(q.device) if q.is_cuda and len(spans) > 1 else None
         main = torch.cuda.current_stream(q.device) if side else None
-        for r in reversed(range(len(runs))):
-            c0, n = runs[r]
+        for r in reversed(range(len(spans))):
+            c0, n = spans[r]
             _read_bwd_value_kernel[(n, B * H)](v, log_beta, SV, UV, YK, do, dv, dUV, dSV, dYK, dlb_read, T, H, NC, c0,
                                                **{x: p[x] for x in ("DV", "M", "BDV", "BM", "C", "F", "EPS", "PREC",
                                                                     "EVEN", "num_warps", "num_stages")})
@@ -675,7 +677,7 @@ def default_warps(m, exact=False, programs=None, sms=None):
     return (4, 4)
 
 
-def default_segments(programs=None, sms=None):
+def default_runs(programs=None, sms=None):
     """Runs of chunks in the backward (TrellisChunkFn): 8 when the sequential kernels' `programs`
     (B*H*2) leave at least half of the GPU's `sms` multiprocessors to the read kernels, as in long
     sequences; else 1 (NOTES.md, section 3.2)."""
@@ -712,13 +714,13 @@ def unsupported(q, v, alpha, phi, f, chunk_size, sweeps):
 
 
 def trellis_op_triton(q, k, v, alpha, beta, gamma, K0=None, V0=None, *, phi, f, phi_eps, f_eps, chunk_size=64,
-                      sweeps=0, precision=None, num_warps=None, segments=None):
+                      sweeps=0, precision=None, num_warps=None, runs=None):
     """The Triton form of trellis.trellis_op: the chunk-start rule (sweeps = 0) or the exact
     recurrence (sweeps >= C - 1). Inputs as there (trellis_op checks them before it calls
     this); phi_eps and f_eps are the LayerNorm epsilons of phi and f. Every dot runs on fp32
     operands; precision "tf32" or "ieee" says how (None: DEFAULT_PRECISION). num_warps:
-    (sequential kernels, parallel kernels), None: default_warps(). segments: runs of chunks
-    whose parallel kernels overlap the sequential ones (TrellisChunkFn), None: default_segments()."""
+    (sequential kernels, parallel kernels), None: default_warps(). runs: runs of chunks
+    whose parallel kernels overlap the sequential ones (TrellisChunkFn), None: default_runs()."""
     why = unsupported(q, v, alpha, phi, f, chunk_size, sweeps)
     if why:
         raise ValueError("kernel: " + why)
@@ -735,10 +737,10 @@ def trellis_op_triton(q, k, v, alpha, beta, gamma, K0=None, V0=None, *, phi, f, 
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else None
     if num_warps is None:
         num_warps = default_warps(m, exact, B * H * 2, sms)
-    if segments is None:
-        segments = default_segments(B * H * 2, sms)
+    if runs is None:
+        runs = default_runs(B * H * 2, sms)
     o, KT, VT = TrellisChunkFn.apply(q, k, v, alpha, log_beta, gamma, K0, V0, phi, f, phi_eps, f_eps, chunk_size,
-                                     exact, precision, num_warps, segments)
+                                     exact, precision, num_warps, runs)
     return o.to(v.dtype), KT, VT
 
 
@@ -953,7 +955,8 @@ def shared_memory(C, m, d, phi="norm_silu", f="norm_silu", exact=False, num_warp
                        (_read_bwd_key_kernel, par), (_state_bwd_kernel, seq), (_state_grads_kernel, grads)]:
         warps, stages = launch["num_warps"], launch["num_stages"]
         consts = {k: v for k, v in launch.items() if k in fn.arg_names and k not in ("DK", "DV", "M")}
-        sig = {a: "constexpr" if a in consts else "i32" if a in ("T", "H", "NC", "C0", "NCS", "DK", "DV", "M") else "*fp32"
+        ints = ("T", "H", "NC", "C0", "NCS", "DK", "DV", "M")
+        sig = {a: "constexpr" if a in consts else "i32" if a in ints else "*fp32"
                for a in fn.arg_names}
         src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 128),

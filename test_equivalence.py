@@ -596,8 +596,8 @@ def as_reference(ts):
 
 
 @given(p=problems(max_T=40, max_d=20), even=st.booleans(), C=st.sampled_from([16, 32]),
-       segments=st.sampled_from([1, 2, 3]), phi=st.sampled_from(PHIS), f=st.sampled_from(FS))
-def test_kernel_equals_chunked_form(p, even, C, segments, phi, f):
+       runs=st.sampled_from([1, 2, 3]), phi=st.sampled_from(PHIS), f=st.sampled_from(FS))
+def test_kernel_equals_chunked_form(p, even, C, runs, phi, f):
     """The Triton forward and hand-written backward equal the float64 PyTorch chunked form on the
     same inputs: outputs, final states and the gradients of every input, with odd d_k, d_v, m
     (masked) or power-of-two ones, T not a multiple of C, gates at extremes, nonzero initial
@@ -606,15 +606,15 @@ def test_kernel_equals_chunked_form(p, even, C, segments, phi, f):
     ins = make_inputs(p, dtype=torch.float32)
     want, gwant = outputs_and_grads(as_reference(ins), p.seed, phi=phi, f=f, chunk_size=C, impl="chunked")
     got, ggot = outputs_and_grads(on_kernel_device(ins), p.seed, op=kernel_op, phi=phi, f=f, chunk_size=C,
-                                  segments=segments)
+                                  runs=runs)
     assert_all_close(as_reference(got), want, 2e-4, ["o", "K", "V"])
     assert_all_close(as_reference(ggot), gwant, 2e-4, GRAD_NAMES)
 
 
 @given(p=problems(max_T=40, max_d=20), even=st.booleans(), C=st.sampled_from([16, 32]),
-       extra=st.sampled_from([0, 5]), segments=st.sampled_from([1, 2, 3]), phi=st.sampled_from(PHIS),
+       extra=st.sampled_from([0, 5]), runs=st.sampled_from([1, 2, 3]), phi=st.sampled_from(PHIS),
        f=st.sampled_from(FS))
-def test_kernel_exact_equals_recurrence(p, even, C, extra, segments, phi, f):
+def test_kernel_exact_equals_recurrence(p, even, C, extra, runs, phi, f):
     """With sweeps >= C - 1 the kernel runs the exact recurrence (the fixed point solved inside
     each chunk, and the transposed system in the backward): it equals the float64 per-token
     loop, outputs, final states and every gradient."""
@@ -622,7 +622,7 @@ def test_kernel_exact_equals_recurrence(p, even, C, extra, segments, phi, f):
     ins = make_inputs(p, dtype=torch.float32)
     want, gwant = outputs_and_grads(as_reference(ins), p.seed, phi=phi, f=f, chunk_size=1, impl="loop")
     got, ggot = outputs_and_grads(on_kernel_device(ins), p.seed, op=kernel_op, phi=phi, f=f, chunk_size=C,
-                                  sweeps=C - 1 + extra, segments=segments)
+                                  sweeps=C - 1 + extra, runs=runs)
     assert_all_close(as_reference(got), want, 2e-4, ["o", "K", "V"])
     assert_all_close(as_reference(ggot), gwant, 2e-4, GRAD_NAMES)
 
@@ -744,15 +744,15 @@ def test_kernel_default_warps():
     assert kernel.default_warps(200) == kernel.default_warps(256, True, 32, 132) == (8, 8)
 
 
-def test_kernel_default_segments():
+def test_kernel_default_runs():
     """The backward in 8 runs of chunks when its B*H*2 sequential programs leave at least half
     of the multiprocessors to the read kernels, else (or off the GPU) in one."""
     import kernel
 
-    assert kernel.default_segments(32, 132) == kernel.default_segments(66, 132) == 8
-    assert kernel.default_segments(67, 132) == kernel.default_segments(512, 132) == kernel.default_segments() == 1
-    assert kernel._segments(5, 8) == [(0, 1), (1, 1), (2, 1), (3, 1), (4, 1)]
-    assert kernel._segments(10, 3) == [(0, 3), (3, 3), (6, 4)]
+    assert kernel.default_runs(32, 132) == kernel.default_runs(66, 132) == 8
+    assert kernel.default_runs(67, 132) == kernel.default_runs(512, 132) == kernel.default_runs() == 1
+    assert kernel._runs(5, 8) == [(0, 1), (1, 1), (2, 1), (3, 1), (4, 1)]
+    assert kernel._runs(10, 3) == [(0, 3), (3, 3), (6, 4)]
 
 
 @pytest.mark.parametrize("kw,msg", [
