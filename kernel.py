@@ -172,9 +172,60 @@ def _f_bwd(yh, dr, mm, M, F: tl.constexpr, EPS: tl.constexpr):
 
 @triton.jit
 def _load_rows(ptr, t, tm, offs, real, s_t):
-    """[C, block] tile of rows t (time) of one (batch, head), as fp32, zero where masked."""
+    """[C, block] tile of rows t (time) of one (batch, head), in the tensor's dtype, zero where masked."""
     mask = tm[:, None] & (offs[None, :] < real)
-    return tl.load(ptr + t[:, None] * s_t + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    return tl.load(ptr + t[:, None] * s_t + offs[None, :], mask=mask, other=0.0)
+
+
+# -----------------------------------------------------------------------------
+# dots. q, k, v and dO come in the inputs' dtype; everything else (memories, codes, gradients) is
+# fp32. A bf16 tile goes into the tensor cores as it is: a product with a bf16 partner is exact
+# in one bf16 dot, and an fp32 partner x is split into bf16 terms x = x1 + x2 (+ x3) whose
+# products are exact, summed in fp32. Two terms keep 16 of x's 24 bits (TF32 keeps 11); three
+# keep all of them (IEEE). This skips the conversion of every bf16 tile to fp32 in shared memory
+# that an fp32 dot needs, and a bf16 tile takes half the space.
+
+_NATIVE_BF16 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")  # the interpreter's bf16 dot is wrong
+
+
+@triton.jit
+def _dot16(a, b):
+    if _NATIVE_BF16:
+        return tl.dot(a, b, out_dtype=tl.float32)
+    else:  # exact products in fp32 (bf16 has 8 mantissa bits): the same sums
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+
+
+@triton.jit
+def _dot_split(x, w, X_LEFT: tl.constexpr, PREC: tl.constexpr):
+    """x @ w (X_LEFT) or w @ x: x fp32 split into bf16 terms, w bf16."""
+    x1 = x.to(tl.bfloat16)
+    r = x - x1.to(tl.float32)  # exact
+    x2 = r.to(tl.bfloat16)
+    if X_LEFT:
+        acc = _dot16(x1, w) + _dot16(x2, w)
+    else:
+        acc = _dot16(w, x1) + _dot16(w, x2)
+    if PREC == "ieee":
+        x3 = (r - x2.to(tl.float32)).to(tl.bfloat16)
+        if X_LEFT:
+            acc += _dot16(x3, w)
+        else:
+            acc += _dot16(w, x3)
+    return acc
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr):
+    """a @ b in fp32: bf16 operands as they are (above), others as fp32 with PREC ("tf32", "ieee")."""
+    if (a.dtype == tl.bfloat16) & (b.dtype == tl.bfloat16):
+        return _dot16(a, b)
+    elif (a.dtype == tl.bfloat16) & (b.dtype == tl.float32):
+        return _dot_split(b, a, False, PREC)
+    elif (a.dtype == tl.float32) & (b.dtype == tl.bfloat16):
+        return _dot_split(a, b, True, PREC)
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
 
 
 @triton.jit
@@ -237,7 +288,7 @@ def _exact_lower(w, b, lb, oc, PREC: tl.constexpr):
     b_prev = b - lb
     low = oc[:, None] > oc[None, :]
     Gam_prev = tl.exp(tl.where(low, b_prev[:, None] - b[None, :], float("-inf")))  # only exponents <= 0
-    return b_prev, Gam_prev, tl.dot(w, tl.trans(w), input_precision=PREC) * Gam_prev
+    return b_prev, Gam_prev, _dot(w, tl.trans(w), PREC) * Gam_prev
 
 
 @triton.jit
@@ -249,7 +300,7 @@ def _exact_codes_fwd(Z0, Z, L, a, g, mm, M, PHI: tl.constexpr, EPS: tl.constexpr
     n = 0
     moving = True
     while (n < C - 1) & moving:
-        U_next = g[:, None] * _code_fwd(Z0 - tl.dot(L, U, input_precision=PREC), a, mm, M, PHI, EPS)
+        U_next = g[:, None] * _code_fwd(Z0 - _dot(L, U, PREC), a, mm, M, PHI, EPS)
         moving = _moving(U_next, U, PREC)
         U = U_next
         n += 1
@@ -267,7 +318,7 @@ def _exact_codes_bwd(Z, L, a, g, dU, mm, M, PHI: tl.constexpr, EPS: tl.constexpr
     n = 0
     moving = True
     while (n < C - 1) & moving:
-        dUt = dU - tl.dot(tl.trans(L), dZ, input_precision=PREC)
+        dUt = dU - _dot(tl.trans(L), dZ, PREC)
         u, dZ_next, da = _code_bwd(Z, a, g[:, None] * dUt, mm, M, PHI, EPS)
         moving = _moving(dZ_next, dZ, PREC)
         dZ = dZ_next
@@ -308,18 +359,18 @@ def _state_fwd_kernel(k, v, al, LB, GM, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC
         t = ci * C + oc
         tm = t < T
         w = _load_rows(W + row_w, t, tm, od, D, s_t * D)
-        a = _load_rows(al + row_m, t, tm, om, M, s_t * M)
+        a = _load_rows(al + row_m, t, tm, om, M, s_t * M).to(tl.float32)
         g = tl.load(GM + gb + t * s_t, mask=tm, other=0.0)
         lb = tl.load(LB + gb + t * s_t, mask=tm, other=0.0)
         b, Gam, eb, b_c, to_end = _chunk_decays(lb, oc, C)
-        Z = tl.dot(w, tl.trans(S), input_precision=PREC)  # W Sᵀ
+        Z = _dot(w, tl.trans(S), PREC)  # W Sᵀ
         if EXACT:
             b_prev, _, L = _exact_lower(w, b, lb, oc, PREC)
             U = _exact_codes_fwd(tl.exp(b_prev)[:, None] * Z, Z, L, a, g, mm, M, PHI, EPS, C, PREC)
         else:
             U = g[:, None] * _code_fwd(Z, a, mm, M, PHI, EPS)
         tl.store(UU + row_m + t[:, None] * s_t * M + om[None, :], U, mask=tm[:, None] & mm)
-        S = tl.exp(b_c) * S - tl.dot(tl.trans(U * to_end[:, None]), w, input_precision=PREC)
+        S = tl.exp(b_c) * S - _dot(tl.trans(U * to_end[:, None]), w, PREC)
     tl.store(ST + pid * M * D + loc, S, mask=smask)
 
 
@@ -345,12 +396,12 @@ def _read_fwd_kernel(q, k, v, LB, SK, SV, UK, UV, o, YK, T, H, NC,
     Uk = _load_rows(UK + row_m, t, tm, om, M, s_t * M)
     Uv = _load_rows(UV + row_m, t, tm, om, M, s_t * M)
     b, Gam, eb, b_c, to_end = _chunk_decays(tl.load(LB + gb + t * s_t, mask=tm, other=0.0), oc, C)
-    Pk = tl.dot(qq, tl.trans(kk), input_precision=PREC) * Gam
-    Yk = eb[:, None] * tl.dot(qq, tl.trans(Ks), input_precision=PREC) - tl.dot(Pk, Uk, input_precision=PREC)
+    Pk = _dot(qq, tl.trans(kk), PREC) * Gam
+    Yk = eb[:, None] * _dot(qq, tl.trans(Ks), PREC) - _dot(Pk, Uk, PREC)
     tl.store(YK + row_m + t[:, None] * s_t * M + om[None, :], Yk, mask=tm[:, None] & mm)  # for the backward
     R = _f_fwd(Yk, mm, M, F, EPS)
-    Pv = tl.dot(R, tl.trans(Uv), input_precision=PREC) * Gam
-    O = eb[:, None] * tl.dot(R, Vs, input_precision=PREC) - tl.dot(Pv, vv, input_precision=PREC)
+    Pv = _dot(R, tl.trans(Uv), PREC) * Gam
+    O = eb[:, None] * _dot(R, Vs, PREC) - _dot(Pv, vv, PREC)
     tl.store(o + row_v + t[:, None] * s_t * DV + odv[None, :], O.to(o.dtype.element_ty),
              mask=tm[:, None] & (odv[None, :] < DV))
 
@@ -382,18 +433,18 @@ def _read_bwd_value_kernel(v, LB, SV, UV, YK, do, dv, dUV, dSV, dYK, dlb, T, H, 
     dO = _load_rows(do + row_v, t, tm, odv, DV, s_t * DV)
     b, Gam, eb, b_c, to_end = _chunk_decays(tl.load(LB + gb + t * s_t, mask=tm, other=0.0), oc, C)
     R = _f_fwd(Yk, mm, M, F, EPS)
-    Pv = tl.dot(R, tl.trans(Uv), input_precision=PREC)
-    dPv = -tl.dot(dO, tl.trans(vv), input_precision=PREC) * Gam  # dL/d(R Uvᵀ)
-    dR = eb[:, None] * tl.dot(dO, tl.trans(Vs), input_precision=PREC) + tl.dot(dPv, Uv, input_precision=PREC)
+    Pv = _dot(R, tl.trans(Uv), PREC)
+    dPv = -_dot(dO, tl.trans(vv), PREC) * Gam  # dL/d(R Uvᵀ)
+    dR = eb[:, None] * _dot(dO, tl.trans(Vs), PREC) + _dot(dPv, Uv, PREC)
     G = dPv * Pv  # dΓ ⊙ Γ
-    db = tl.sum(dO * tl.dot(R, Vs, input_precision=PREC), 1) * eb + tl.sum(G, 1) - tl.sum(G, 0)
+    db = tl.sum(dO * _dot(R, Vs, PREC), 1) * eb + tl.sum(G, 1) - tl.sum(G, 0)
     rows_m = row_m + t[:, None] * s_t * M + om[None, :]
     mrow = tm[:, None] & mm
     tl.store(dYK + rows_m, _f_bwd(Yk, dR, mm, M, F, EPS), mask=mrow)
-    tl.store(dUV + rows_m, tl.dot(tl.trans(dPv), R, input_precision=PREC), mask=mrow)
+    tl.store(dUV + rows_m, _dot(tl.trans(dPv), R, PREC), mask=mrow)
     tl.store(dv + row_v + t[:, None] * s_t * DV + odv[None, :],
-             -tl.dot(tl.trans(Pv * Gam), dO, input_precision=PREC), mask=tm[:, None] & (odv[None, :] < DV))
-    tl.store(dSV + loc_v, tl.dot(tl.trans(R * eb[:, None]), dO, input_precision=PREC), mask=vmask)
+             -_dot(tl.trans(Pv * Gam), dO, PREC), mask=tm[:, None] & (odv[None, :] < DV))
+    tl.store(dSV + loc_v, _dot(tl.trans(R * eb[:, None]), dO, PREC), mask=vmask)
     tl.store(dlb + gb + t * s_t, tl.sum(db, 0) - tl.cumsum(db, 0) + db, mask=tm)  # d log beta_j = sum_{i>=j} db_i
 
 
@@ -417,18 +468,18 @@ def _read_bwd_key_kernel(q, k, LB, SK, UK, dYK, dq, dk, dUK, dSK, dlb, T, H, NC,
     Uk = _load_rows(UK + row_m, t, tm, om, M, s_t * M)
     dYk = _load_rows(dYK + row_m, t, tm, om, M, s_t * M)
     b, Gam, eb, b_c, to_end = _chunk_decays(tl.load(LB + gb + t * s_t, mask=tm, other=0.0), oc, C)
-    Pk = tl.dot(qq, tl.trans(kk), input_precision=PREC)
-    dPk = -tl.dot(dYk, tl.trans(Uk), input_precision=PREC) * Gam  # dL/d(q kᵀ)
+    Pk = _dot(qq, tl.trans(kk), PREC)
+    dPk = -_dot(dYk, tl.trans(Uk), PREC) * Gam  # dL/d(q kᵀ)
     G = dPk * Pk
-    db = tl.sum(dYk * tl.dot(qq, tl.trans(Ks), input_precision=PREC), 1) * eb + tl.sum(G, 1) - tl.sum(G, 0)
-    dqq = eb[:, None] * tl.dot(dYk, Ks, input_precision=PREC) + tl.dot(dPk, kk, input_precision=PREC)
+    db = tl.sum(dYk * _dot(qq, tl.trans(Ks), PREC), 1) * eb + tl.sum(G, 1) - tl.sum(G, 0)
+    dqq = eb[:, None] * _dot(dYk, Ks, PREC) + _dot(dPk, kk, PREC)
     tl.store(dq + row_k + t[:, None] * s_t * DK + odk[None, :], dqq.to(dq.dtype.element_ty),
              mask=tm[:, None] & (odk[None, :] < DK))
-    tl.store(dk + row_k + t[:, None] * s_t * DK + odk[None, :], tl.dot(tl.trans(dPk), qq, input_precision=PREC),
+    tl.store(dk + row_k + t[:, None] * s_t * DK + odk[None, :], _dot(tl.trans(dPk), qq, PREC),
              mask=tm[:, None] & (odk[None, :] < DK))
     tl.store(dUK + row_m + t[:, None] * s_t * M + om[None, :],
-             -tl.dot(tl.trans(Pk * Gam), dYk, input_precision=PREC), mask=tm[:, None] & mm)
-    tl.store(dSK + loc_k, tl.dot(tl.trans(dYk * eb[:, None]), qq, input_precision=PREC), mask=kmask)
+             -_dot(tl.trans(Pk * Gam), dYk, PREC), mask=tm[:, None] & mm)
+    tl.store(dSK + loc_k, _dot(tl.trans(dYk * eb[:, None]), qq, PREC), mask=kmask)
     dlbb = tl.sum(db, 0) - tl.cumsum(db, 0) + db
     tl.store(dlb + gb + t * s_t, tl.load(dlb + gb + t * s_t, mask=tm, other=0.0) + dlbb, mask=tm)
 
@@ -467,20 +518,19 @@ def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT,
         tm = t < T
         S = tl.load(SS + (pid * NC + ci) * M * D + loc, mask=smask, other=0.0)
         w = _load_rows(W + row_w, t, tm, od, D, s_t * D)
-        a = _load_rows(al + row_m, t, tm, om, M, s_t * M)
+        a = _load_rows(al + row_m, t, tm, om, M, s_t * M).to(tl.float32)
         g = tl.load(GM + gb + t * s_t, mask=tm, other=0.0)
         lb = tl.load(LB + gb + t * s_t, mask=tm, other=0.0)
         b, Gam, eb, b_c, to_end = _chunk_decays(lb, oc, C)
-        Z = tl.dot(w, tl.trans(S), input_precision=PREC)  # W Sᵀ
+        Z = _dot(w, tl.trans(S), PREC)  # W Sᵀ
         rows_m = row_m + t[:, None] * s_t * M + om[None, :]
         mrow = tm[:, None] & mm
-        dU = tl.load(dUU + rows_m, mask=mrow, other=0.0) - to_end[:, None] * tl.dot(w, tl.trans(dS),
-                                                                                    input_precision=PREC)
+        dU = tl.load(dUU + rows_m, mask=mrow, other=0.0) - to_end[:, None] * _dot(w, tl.trans(dS), PREC)
         if EXACT:
             U = _load_rows(UU + row_m, t, tm, om, M, s_t * M)  # the forward's exact codes
             b_prev, _, L = _exact_lower(w, b, lb, oc, PREC)
             eb_prev = tl.exp(b_prev)
-            dZ, da, dgv = _exact_codes_bwd(eb_prev[:, None] * Z - tl.dot(L, U, input_precision=PREC), L, a, g, dU,
+            dZ, da, dgv = _exact_codes_bwd(eb_prev[:, None] * Z - _dot(L, U, PREC), L, a, g, dU,
                                            mm, M, PHI, EPS, C, PREC)
             tl.store(dUU + rows_m, dZ, mask=mrow)
             dZ = dZ * eb_prev[:, None]  # the gradient w.r.t. W Sᵀ
@@ -493,7 +543,7 @@ def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT,
         here = dSR + (pid * NC + ci) * M * D + loc
         dS_read = tl.load(here, mask=smask, other=0.0)
         tl.store(here, dS, mask=smask)
-        dS = tl.exp(b_c) * dS + dS_read + tl.dot(tl.trans(dZ), w, input_precision=PREC)
+        dS = tl.exp(b_c) * dS + dS_read + _dot(tl.trans(dZ), w, PREC)
     tl.store(dS0 + pid * M * D + loc, dS, mask=smask)
 
 
@@ -528,19 +578,19 @@ def _state_grads_kernel(k, v, LB, SK, SV, UK, UV, dZK, dZV, dSK, dSV, dk, dv, dk
     if EXACT:
         b_prev, Gam_prev, L = _exact_lower(w, b, lb, oc, PREC)
         eb_prev = tl.exp(b_prev)
-        dL = tl.where(oc[:, None] > oc[None, :], -tl.dot(dZ, tl.trans(U), input_precision=PREC), 0.0)
+        dL = tl.where(oc[:, None] > oc[None, :], -_dot(dZ, tl.trans(U), PREC), 0.0)
         dWW = dL * Gam_prev
-        dWc += tl.dot(dWW + tl.trans(dWW), w, input_precision=PREC)  # through L = (W Wᵀ) ⊙ Γ'
+        dWc += _dot(dWW + tl.trans(dWW), w, PREC)  # through L = (W Wᵀ) ⊙ Γ'
         G = dL * L  # dΓ' ⊙ Γ'
-        db_prev = tl.sum(dZ * tl.dot(w, tl.trans(S), input_precision=PREC), 1) * eb_prev + tl.sum(G, 1)
+        db_prev = tl.sum(dZ * _dot(w, tl.trans(S), PREC), 1) * eb_prev + tl.sum(G, 1)
         dZ = dZ * eb_prev[:, None]  # the gradient w.r.t. W Sᵀ
         db_extra = db_prev - tl.sum(G, 0)
     else:
         db_prev = tl.zeros([C], dtype=tl.float32)
         db_extra = db_prev
-    dWc += tl.dot(dZ, S, input_precision=PREC) - tl.dot(U * to_end[:, None], dS, input_precision=PREC)
+    dWc += _dot(dZ, S, PREC) - _dot(U * to_end[:, None], dS, PREC)
     tl.store(dWf + rows_w, dWc.to(dWf.dtype.element_ty), mask=wmask)  # final: in the inputs' dtype
-    gd = -tl.sum(U * tl.dot(w, tl.trans(dS), input_precision=PREC), 1) * to_end  # through to_end = e^{b_C - b}
+    gd = -tl.sum(U * _dot(w, tl.trans(dS), PREC), 1) * to_end  # through to_end = e^{b_C - b}
     db = tl.where(oc == C - 1, tl.sum(tl.sum(dS * S, 1), 0) * tl.exp(b_c) + tl.sum(gd, 0), 0.0) - gd + db_extra
     # d log beta_j = sum_{i>=j} db_i, less the b_{i-1} = b_i - log beta_i share
     tl.store(dlb + gb + t * s_t, tl.sum(db, 0) - tl.cumsum(db, 0) + db - db_prev, mask=tm)
@@ -940,11 +990,12 @@ def profile(device="cuda", T=16384, tokens=32768, H=8, d=64, m=64, C=64):
 H100_SHARED_MEMORY = 232448  # bytes one program may use on an H100 (227 KiB)
 
 
-def shared_memory(C, m, d, phi="norm_silu", f="norm_silu", exact=False, num_warps=None):
-    """Bytes of shared memory each kernel needs at chunk size C, m slots and d_k = d_v = d,
-    compiled for sm_90 with Triton's bundled ptxas: no GPU needed. Needs TRITON_INTERPRET unset
-    or 0 (the interpreter compiles nothing). num_warps None: default_warps(m) for a grid larger
-    than the GPU (pass (8, 4) for the exact rule's other choice)."""
+def shared_memory(C, m, d, phi="norm_silu", f="norm_silu", exact=False, num_warps=None, dtype="fp32"):
+    """Bytes of shared memory each kernel needs at chunk size C, m slots and d_k = d_v = d, with
+    q, k, v, alpha in `dtype` ("fp32" or "bf16", whose dots differ), compiled for sm_90 with
+    Triton's bundled ptxas: no GPU needed. Needs TRITON_INTERPRET unset or 0 (the interpreter
+    compiles nothing). num_warps None: default_warps(m) for a grid larger than the GPU (pass
+    (8, 4) for the exact rule's other choice)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -956,7 +1007,8 @@ def shared_memory(C, m, d, phi="norm_silu", f="norm_silu", exact=False, num_warp
         warps, stages = launch["num_warps"], launch["num_stages"]
         consts = {k: v for k, v in launch.items() if k in fn.arg_names and k not in ("DK", "DV", "M")}
         ints = ("T", "H", "NC", "C0", "NCS", "DK", "DV", "M")
-        sig = {a: "constexpr" if a in consts else "i32" if a in ints else "*fp32"
+        inputs = ("q", "k", "v", "al", "do", "o", "dq", "dkf", "dvf")  # in the inputs' dtype
+        sig = {a: "constexpr" if a in consts else "i32" if a in ints else f"*{dtype}" if a in inputs else "*fp32"
                for a in fn.arg_names}
         src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 128),

@@ -660,7 +660,9 @@ def test_kernel_up_to_256_slots(sweeps):
 @pytest.mark.parametrize("phi", PHIS)
 def test_kernel_bf16_inputs(phi):
     """bf16 q, k, v, alpha with fp32 memories: the kernel equals the float64 chunked form on
-    the same (bf16-rounded) inputs, bf16 results to bf16 rounding and fp32 ones to 2e-4."""
+    the same (bf16-rounded) inputs, bf16 results to bf16 rounding and fp32 ones to 5e-6: the
+    IEEE dots split each fp32 partner of a bf16 tile into three bf16 terms (two would leave
+    errors of 1e-5)."""
     p = Problem(B=2, T=45, H=2, dk=16, dv=32, m=16, gates="mixed", zero_init=False, seed=4)
     ins = make_inputs(p, dtype=torch.float32)
     ins[:4] = [t.bfloat16() for t in ins[:4]]
@@ -668,7 +670,7 @@ def test_kernel_bf16_inputs(phi):
     got, ggot = outputs_and_grads(on_kernel_device(ins), 4, op=kernel_op, phi=phi, chunk_size=16)
     assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
     for x, ref, n in zip(got + ggot, want + gwant, ["o", "K", "V"] + GRAD_NAMES):
-        assert_close(x.detach().double().cpu(), ref, 1e-2 if x.dtype == torch.bfloat16 else 2e-4, n)
+        assert_close(x.detach().double().cpu(), ref, 1e-2 if x.dtype == torch.bfloat16 else 5e-6, n)
 
 
 @pytest.mark.parametrize("sweeps", [0, 15])
@@ -706,8 +708,8 @@ def test_kernel_fits_hopper_shared_memory():
     sizes = [(64, 64, 64, False, None), (64, 64, 64, True, None), (64, 64, 64, True, (8, 4)),
              (32, 128, 128, False, None), (32, 128, 128, True, None), (32, 128, 128, True, (8, 4)),
              (16, 256, 64, False, None), (16, 256, 64, True, None), (64, 128, 64, False, None)]
-    script = ("import json, kernel; print(json.dumps([max(kernel.shared_memory(C, m, d, exact=e, num_warps=w)"
-              f".values()) for C, m, d, e, w in {sizes!r}]))")
+    script = ("import json, kernel; print(json.dumps([max(max(kernel.shared_memory(C, m, d, exact=e, num_warps=w, "
+              f"dtype=t).values()) for t in ('fp32', 'bf16')) for C, m, d, e, w in {sizes!r}]))")
     run = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TRITON_INTERPRET": "0"},
                          capture_output=True, text=True, timeout=900, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert run.returncode == 0, run.stderr[-2000:]
