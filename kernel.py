@@ -68,7 +68,7 @@ SUPPORTED_PHI = ("identity", "silu", "norm_silu")
 SUPPORTED_F = ("norm_silu", "l2_silu")
 _PHI_ID = {name: i for i, name in enumerate(SUPPORTED_PHI)}
 _F_ID = {name: i for i, name in enumerate(SUPPORTED_F)}
-DEFAULT_PRECISION = "tf32"  # of the fp32 dots: TF32 (10-bit mantissas, ~3x the rate) or "ieee"
+DEFAULT_PRECISION = "tf32"  # of the dots: TF32 (10-bit mantissas, ~3x the rate) or "ieee" (_dot)
 
 # -----------------------------------------------------------------------------
 # row-wise pieces (each row is one token's m slots; `mm` masks padded slots)
@@ -767,8 +767,9 @@ def trellis_op_triton(q, k, v, alpha, beta, gamma, K0=None, V0=None, *, phi, f, 
                       sweeps=0, precision=None, num_warps=None, runs=None):
     """The Triton form of trellis.trellis_op: the chunk-start rule (sweeps = 0) or the exact
     recurrence (sweeps >= C - 1). Inputs as there (trellis_op checks them before it calls
-    this); phi_eps and f_eps are the LayerNorm epsilons of phi and f. Every dot runs on fp32
-    operands; precision "tf32" or "ieee" says how (None: DEFAULT_PRECISION). num_warps:
+    this); phi_eps and f_eps are the LayerNorm epsilons of phi and f. precision "tf32" or
+    "ieee" (None: DEFAULT_PRECISION) says how exact the dots are: fp32 operands in TF32 or IEEE,
+    and, with bf16 inputs, the fp32 partner of a bf16 tile in two or three bf16 terms (_dot). num_warps:
     (sequential kernels, parallel kernels), None: default_warps(). runs: runs of chunks
     whose parallel kernels overlap the sequential ones (TrellisChunkFn), None: default_runs()."""
     why = unsupported(q, v, alpha, phi, f, chunk_size, sweeps)
