@@ -197,21 +197,22 @@ def _dot16(a, b):
 
 
 @triton.jit
+def _dot16_beside(x, w, X_LEFT: tl.constexpr):
+    if X_LEFT:
+        return _dot16(x, w)
+    else:
+        return _dot16(w, x)
+
+
+@triton.jit
 def _dot_split(x, w, X_LEFT: tl.constexpr, PREC: tl.constexpr):
     """x @ w (X_LEFT) or w @ x: x fp32 split into bf16 terms, w bf16."""
     x1 = x.to(tl.bfloat16)
     r = x - x1.to(tl.float32)  # exact
     x2 = r.to(tl.bfloat16)
-    if X_LEFT:
-        acc = _dot16(x1, w) + _dot16(x2, w)
-    else:
-        acc = _dot16(w, x1) + _dot16(w, x2)
+    acc = _dot16_beside(x1, w, X_LEFT) + _dot16_beside(x2, w, X_LEFT)
     if PREC == "ieee":
-        x3 = (r - x2.to(tl.float32)).to(tl.bfloat16)
-        if X_LEFT:
-            acc += _dot16(x3, w)
-        else:
-            acc += _dot16(w, x3)
+        acc += _dot16_beside((r - x2.to(tl.float32)).to(tl.bfloat16), w, X_LEFT)
     return acc
 
 
