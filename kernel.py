@@ -17,7 +17,7 @@ chunks in parallel from the stored chunk-start memories (trellis.py, sections 3 
     backward  _read_bwd_value_kernel, _read_bwd_key_kernel   grid (chunks, B*H): the reads' gradients
               _state_bwd_kernel   grid (B*H, 2 passes), chunks in reverse carrying dS = dLoss/dS:
                                   through the codes (including z's dependence on S) and the updates;
-                                  stores dZ and each chunk's end dS. In long sequences the backward
+                                  stores dZ and dS at each chunk's start. In long sequences the backward
                                   takes the chunks in runs, last run first, so that this kernel
                                   walks one run while the read kernels differentiate the next
               _state_grads_kernel grid (chunks, B*H, 2 passes): from those, dW and d log beta of
@@ -32,7 +32,7 @@ Legend: kernel names -> trellis.py's symbols (one head, one chunk of C rows)
     UK, UV               U = Ubar of each pass      [B, T, H, m]
     YK                   yhat, the key pass's read  [B, T, H, m]
     d<name>              the gradient of the loss w.r.t. <name>; dSK, dSV: the reads' share per chunk,
-                         then (_state_bwd_kernel) the gradient w.r.t. the chunk's end state;
+                         then (_state_bwd_kernel, chunks 1 ..) the gradient w.r.t. the chunk's start state;
                          dUK, dUV: the reads' dŪ, then dZ
   tiles (registers)
     W, w                 the pass's write pointer (k or v) and its rows, [C, d]
@@ -83,59 +83,78 @@ def _silu_parts(z):
 
 @triton.jit
 def _norm_stats(s, mm, M, EPS: tl.constexpr):
-    """LayerNorm over the real slots: (y, sd) with y zero on padded slots."""
+    """LayerNorm over the real slots: (y, 1 / sd) with y zero on padded slots (one division a
+    row, a product a slot)."""
     s = tl.where(mm, s, 0.0)
     mu = tl.sum(s, 1) / M
     c = tl.where(mm, s - mu[:, None], 0.0)
-    sd = tl.sqrt(tl.sum(c * c, 1) / M + EPS)
-    return c / sd[:, None], sd
+    rsd = 1.0 / tl.sqrt(tl.sum(c * c, 1) / M + EPS)
+    return c * rsd[:, None], rsd
+
+
+@triton.jit
+def _code_lin(z, a, mm, M, PHI: tl.constexpr, EPS: tl.constexpr):
+    """u = J_phi(z)ᵀ (phi(z) - a), and what its vector-Jacobian product (_code_vjp) needs that
+    does not depend on the incoming gradient: tiles k1, s1, y and, per row, rsd, c0, c1, c2.
+    The sequential backward computes these off its critical path, before the chunk's dŪ is known."""
+    if PHI == 0:
+        u = z - a
+        row = tl.sum(z, 1)  # placeholders, unused (and compiled away)
+        k1, s1, y, rsd, c0, c1, c2 = u, u, u, row, row, row, row
+    elif PHI == 1:
+        s, s1, s2 = _silu_parts(z)
+        u = s1 * (s - a)
+        k1 = s2 * (s - a) + s1 * s1  # du/dz, slot by slot
+        row = tl.sum(z, 1)  # placeholders, unused (and compiled away)
+        y, rsd, c0, c1, c2 = u, row, row, row, row
+    else:
+        s, s1, s2 = _silu_parts(z)
+        y, rsd = _norm_stats(s, mm, M, EPS)
+        e = tl.where(mm, y - a, 0.0)
+        me, ey = tl.sum(e, 1) / M, tl.sum(e * y, 1) / M
+        h = (e - me[:, None] - y * ey[:, None]) * rsd[:, None]  # J_y e (J_y is symmetric)
+        u = s1 * h
+        c0 = 1 - ey
+        c1 = 2 * c0 + 1 - tl.sum(y * y, 1) / M
+        c2 = tl.sum(y, 1) / M + me
+        k1 = h * s2 + ((rsd * rsd * c0)[:, None] * s1) * s1
+    return tl.where(mm, u, 0.0), k1, s1, y, rsd, c0, c1, c2
 
 
 @triton.jit
 def _code_fwd(z, a, mm, M, PHI: tl.constexpr, EPS: tl.constexpr):
     """u = J_phi(z)ᵀ (phi(z) - a)."""
-    if PHI == 0:
-        u = z - a
-    elif PHI == 1:
-        s, s1, _ = _silu_parts(z)
-        u = s1 * (s - a)
-    else:
-        s, s1, _ = _silu_parts(z)
-        y, sd = _norm_stats(s, mm, M, EPS)
-        e = tl.where(mm, y - a, 0.0)
-        h = e - (tl.sum(e, 1) / M)[:, None] - y * (tl.sum(e * y, 1) / M)[:, None]
-        u = s1 * h / sd[:, None]
-    return tl.where(mm, u, 0.0)
+    u, _, _, _, _, _, _, _ = _code_lin(z, a, mm, M, PHI, EPS)
+    return u
 
 
 @triton.jit
-def _code_bwd(z, a, du, mm, M, PHI: tl.constexpr, EPS: tl.constexpr):
-    """(u, dz, da) for the vector-Jacobian product of u = code(z, a) with du."""
+def _code_vjp(dU, g, u, k1, s1, y, a, rsd, c0, c1, c2, mm, M, PHI: tl.constexpr):
+    """(dz, da, dg) for Ū = g ⊙ code(z, a) and dL/dŪ = dU, from _code_lin's terms at (z, a).
+    For normalized SiLU the product J_codeᵀ du (du = g dU, p = du ⊙ s1, means over the real
+    slots) collapses to
+        dz = du ⊙ k1 - s1 ⊙ (y r1 - a r2 + r3),   da = -(p - mean(p) - y mean(p y)) rsd,
+        k1 = h ⊙ silu'' + rsd² (1 - mean(e y)) s1²,   r2 = rsd² mean(p y),
+        r1 = r2 (3 - 2 mean(e y) - mean(y²)) + rsd mean(du ⊙ u),
+        r3 = rsd² ((1 - mean(e y)) mean(p) - mean(p y) (mean(y) + mean(e))),
+    three row sums that need du (NOTES.md, section 2)."""
+    du = g[:, None] * dU
+    dg = tl.sum(dU * u, 1)
     if PHI == 0:
-        u = z - a
         dz = du
         da = -du
     elif PHI == 1:
-        s, s1, s2 = _silu_parts(z)
-        u = s1 * (s - a)
-        dz = du * (s2 * (s - a) + s1 * s1)
+        dz = du * k1
         da = -du * s1
     else:
-        s, s1, s2 = _silu_parts(z)
-        y, sd = _norm_stats(s, mm, M, EPS)
-        rsd = 1.0 / sd[:, None]
-        e = tl.where(mm, y - a, 0.0)
-        ey = (tl.sum(e * y, 1) / M)[:, None]
-        h = (e - (tl.sum(e, 1) / M)[:, None] - y * ey) * rsd  # u = silu'(z) h
-        u = s1 * h
-        p = tl.where(mm, du * s1, 0.0)  # d h
-        py = (tl.sum(p * y, 1) / M)[:, None]
-        pw = tl.where(mm, (1 - ey) * p - py * (y + e), 0.0)
-        jw = (pw - (tl.sum(pw, 1) / M)[:, None] - y * (tl.sum(pw * y, 1) / M)[:, None]) * rsd  # J_y pw
-        ds = (jw - (tl.sum(p * h, 1) / M)[:, None] * y) * rsd
-        dz = du * h * s2 + ds * s1
-        da = -(p - (tl.sum(p, 1) / M)[:, None] - y * py) * rsd  # -J_y p
-    return tl.where(mm, u, 0.0), tl.where(mm, dz, 0.0), tl.where(mm, da, 0.0)
+        p = tl.where(mm, du * s1, 0.0)
+        mp, py = tl.sum(p, 1) / M, tl.sum(p * y, 1) / M
+        r2 = rsd * rsd * py
+        r1 = r2 * c1 + rsd * (g * dg / M)  # g dg / M = mean(du ⊙ u)
+        r3 = rsd * rsd * (c0 * mp - py * c2)
+        dz = du * k1 - s1 * (y * r1[:, None] - a * r2[:, None] + r3[:, None])
+        da = -(p - mp[:, None] - y * py[:, None]) * rsd[:, None]
+    return tl.where(mm, dz, 0.0), tl.where(mm, da, 0.0), dg
 
 
 @triton.jit
@@ -146,7 +165,7 @@ def _f_fwd(yh, mm, M, F: tl.constexpr, EPS: tl.constexpr):
         r, _ = _norm_stats(s, mm, M, EPS)
     else:
         s = tl.where(mm, s, 0.0)
-        r = s / tl.sqrt(tl.sum(s * s, 1) + 1e-6)[:, None]
+        r = s * (1.0 / tl.sqrt(tl.sum(s * s, 1) + 1e-6))[:, None]
     return r
 
 
@@ -156,13 +175,13 @@ def _f_bwd(yh, dr, mm, M, F: tl.constexpr, EPS: tl.constexpr):
     s, s1, _ = _silu_parts(yh)
     dr = tl.where(mm, dr, 0.0)
     if F == 0:
-        y, sd = _norm_stats(s, mm, M, EPS)
-        ds = (dr - (tl.sum(dr, 1) / M)[:, None] - y * (tl.sum(dr * y, 1) / M)[:, None]) / sd[:, None]
+        y, rsd = _norm_stats(s, mm, M, EPS)
+        ds = (dr - (tl.sum(dr, 1) / M)[:, None] - y * (tl.sum(dr * y, 1) / M)[:, None]) * rsd[:, None]
     else:
         s = tl.where(mm, s, 0.0)
-        n = tl.sqrt(tl.sum(s * s, 1) + 1e-6)[:, None]
-        r = s / n
-        ds = (dr - r * tl.sum(r * dr, 1)[:, None]) / n
+        rn = (1.0 / tl.sqrt(tl.sum(s * s, 1) + 1e-6))[:, None]
+        r = s * rn
+        ds = (dr - r * tl.sum(r * dr, 1)[:, None]) * rn
     return tl.where(mm, ds * s1, 0.0)
 
 
@@ -314,17 +333,17 @@ def _exact_codes_bwd(Z, L, a, g, dU, mm, M, PHI: tl.constexpr, EPS: tl.constexpr
     """The adjoint of _exact_codes_fwd at its solution Z. dU: dLoss/dŪ from everything but Z (the
     reads, the chunk end). Solves dŪ = dU - Lᵀ dZ, dZ = J_code(Z)ᵀ (γ dŪ) by sweeps (Lᵀ is
     strictly upper triangular). Returns dZ, dα, dγ."""
-    dUt = dU
-    u, dZ, da = _code_bwd(Z, a, g[:, None] * dUt, mm, M, PHI, EPS)
+    u, k1, s1, y, rsd, c0, c1, c2 = _code_lin(Z, a, mm, M, PHI, EPS)
+    dZ, da, dg = _code_vjp(dU, g, u, k1, s1, y, a, rsd, c0, c1, c2, mm, M, PHI)
     n = 0
     moving = True
     while (n < C - 1) & moving:
-        dUt = dU - _dot(tl.trans(L), dZ, PREC)
-        u, dZ_next, da = _code_bwd(Z, a, g[:, None] * dUt, mm, M, PHI, EPS)
+        dZ_next, da, dg = _code_vjp(dU - _dot(tl.trans(L), dZ, PREC), g, u, k1, s1, y, a, rsd, c0, c1, c2, mm, M,
+                                    PHI)
         moving = _moving(dZ_next, dZ, PREC)
         dZ = dZ_next
         n += 1
-    return dZ, da, tl.sum(dUt * u, 1)
+    return dZ, da, dg
 
 
 # -----------------------------------------------------------------------------
@@ -492,11 +511,15 @@ def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT,
                       C: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
                       EXACT: tl.constexpr, EVEN: tl.constexpr):
     """Grid (B*H, 2 passes), chunks C0 + NCS - 1 down to C0 carrying dS = dL/d(state at the chunk's
-    end), from dKT, dVT (the run's end) to dK0, dV0 (its start); only
-    what the next dS needs: dU = dU_read - to_end ⊙ (W dSᵀ), (dZ, dα, dγ) through the code,
-    dS <- e^{b_C} dS + dS_read + dZᵀ W. It overwrites each chunk's dS_read with the dS at the
-    chunk's end and dU_read with dZ, for _state_grads_kernel. EXACT: dZ from _exact_codes_bwd,
-    stored before its scaling by e^{b_{i-1}} (Z = diag(e^{b_{i-1}}) W Sᵀ - L U)."""
+    end), from dKT, dVT (the run's end) to dK0, dV0 (its start); only what the next dS needs:
+    dS += dS_read of the next chunk (the reads of the chunk that starts from this end state),
+    dU = dU_read - to_end ⊙ (W dSᵀ), (dZ, dα, dγ) through the code, dS <- e^{b_C} dS + dZᵀ W.
+    Adding the next chunk's dS_read at the top, where a dot uses it, lets the compiler prefetch
+    it with the chunk's other loads. It overwrites the next chunk's dS_read with that dS (the
+    gradient w.r.t. the next chunk's start state) and dU_read with dZ, for _state_grads_kernel.
+    dK0, dV0: the run's start gradient without its first chunk's dS_read, which the next run adds
+    (the run from chunk 0 adds it: the full dL/dK0). EXACT: dZ from _exact_codes_bwd, stored
+    before its scaling by e^{b_{i-1}} (Z = diag(e^{b_{i-1}}) W Sᵀ - L U)."""
     if EVEN:  # every size equals its block: strides, masks and divisors are known when compiling
         DK, DV, M = BD, BD, BM
     pid = tl.program_id(0)
@@ -522,6 +545,9 @@ def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT,
         a = _load_rows(al + row_m, t, tm, om, M, s_t * M).to(tl.float32)
         g = tl.load(GM + gb + t * s_t, mask=tm, other=0.0)
         lb = tl.load(LB + gb + t * s_t, mask=tm, other=0.0)
+        nxt = dSR + (pid * NC + ci + 1) * M * D + loc  # the next chunk's dS_read (none after the last)
+        dS += tl.load(nxt, mask=smask & (ci + 1 < NC), other=0.0)
+        tl.store(nxt, dS, mask=smask & (ci + 1 < NC))
         b, Gam, eb, b_c, to_end = _chunk_decays(lb, oc, C)
         Z = _dot(w, tl.trans(S), PREC)  # W Sᵀ
         rows_m = row_m + t[:, None] * s_t * M + om[None, :]
@@ -533,23 +559,23 @@ def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT,
             eb_prev = tl.exp(b_prev)
             dZ, da, dgv = _exact_codes_bwd(eb_prev[:, None] * Z - _dot(L, U, PREC), L, a, g, dU,
                                            mm, M, PHI, EPS, C, PREC)
-            tl.store(dUU + rows_m, dZ, mask=mrow)
-            dZ = dZ * eb_prev[:, None]  # the gradient w.r.t. W Sᵀ
         else:
-            u, dZ, da = _code_bwd(Z, a, g[:, None] * dU, mm, M, PHI, EPS)
-            dgv = tl.sum(dU * u, 1)
-            tl.store(dUU + rows_m, dZ, mask=mrow)
+            u, k1, s1, y, rsd, c0, c1, c2 = _code_lin(Z, a, mm, M, PHI, EPS)
+            dZ, da, dgv = _code_vjp(dU, g, u, k1, s1, y, a, rsd, c0, c1, c2, mm, M, PHI)
+        tl.store(dUU + rows_m, dZ, mask=mrow)
         tl.store(dal + rows_m, da, mask=mrow)
         tl.store(dgm + gb + t * s_t, dgv, mask=tm)
-        here = dSR + (pid * NC + ci) * M * D + loc
-        dS_read = tl.load(here, mask=smask, other=0.0)
-        tl.store(here, dS, mask=smask)
-        dS = tl.exp(b_c) * dS + dS_read + _dot(tl.trans(dZ), w, PREC)
+        if EXACT:
+            dZ = dZ * eb_prev[:, None]  # the gradient w.r.t. W Sᵀ
+        dS = tl.exp(b_c) * dS + _dot(tl.trans(dZ), w, PREC)
+    if C0 == 0:
+        dS += tl.load(dSR + pid * NC * M * D + loc, mask=smask, other=0.0)  # chunk 0's reads
     tl.store(dS0 + pid * M * D + loc, dS, mask=smask)
 
 
 @triton.jit
-def _state_grads_kernel(k, v, LB, SK, SV, UK, UV, dZK, dZV, dSK, dSV, dk, dv, dkf, dvf, dlbK, dlbV, T, H, NC,
+def _state_grads_kernel(k, v, LB, SK, SV, UK, UV, dZK, dZV, dSK, dSV, dKT, dVT, dk, dv, dkf, dvf, dlbK, dlbV, T, H,
+                        NC,
                         DK, DV, M, BD: tl.constexpr, BM: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
                         EXACT: tl.constexpr, EVEN: tl.constexpr):
     """Grid (NC, B*H, 2 passes), every chunk in parallel once _state_bwd_kernel has stored its dZ
@@ -560,13 +586,16 @@ def _state_grads_kernel(k, v, LB, SK, SV, UK, UV, dZK, dZV, dSK, dSV, dk, dv, dk
         DK, DV, M = BD, BD, BM
     ci, pid = tl.program_id(0), tl.program_id(1)
     if tl.program_id(2) == 0:
-        W, SS, UU, dZZ, dSE, dW, dWf, dlb, D = k, SK, UK, dZK, dSK, dk, dkf, dlbK, DK
+        W, SS, UU, dZZ, dSE, dST, dW, dWf, dlb, D = k, SK, UK, dZK, dSK, dKT, dk, dkf, dlbK, DK
     else:
-        W, SS, UU, dZZ, dSE, dW, dWf, dlb, D = v, SV, UV, dZV, dSV, dv, dvf, dlbV, DV
+        W, SS, UU, dZZ, dSE, dST, dW, dWf, dlb, D = v, SV, UV, dZV, dSV, dVT, dv, dvf, dlbV, DV
     bi, h, s_b, s_t, gb, oc, t, tm = _chunk_rows(ci, pid, T, H, C)
     od, om = tl.arange(0, BD), tl.arange(0, BM)
     S, _, _ = _load_state(SS, pid * NC + ci, om, od, M, D)
-    dS, _, _ = _load_state(dSE, pid * NC + ci, om, od, M, D)  # dL/d(state at the chunk's end)
+    # dL/d(state at the chunk's end): the next chunk's start, or the final state
+    smask, loc = (om[:, None] < M) & (od[None, :] < D), om[:, None] * D + od[None, :]
+    dS = (tl.load(dSE + (pid * NC + ci + 1) * M * D + loc, mask=smask & (ci + 1 < NC), other=0.0)
+          + tl.load(dST + pid * M * D + loc, mask=smask & (ci + 1 == NC), other=0.0))
     row_w, row_m = bi * s_b * D + h * D, bi * s_b * M + h * M
     w = _load_rows(W + row_w, t, tm, od, D, s_t * D)
     U = _load_rows(UU + row_m, t, tm, om, M, s_t * M)
@@ -707,9 +736,9 @@ class TrellisChunkFn(torch.autograd.Function):
                                               T, H, NC, c0, n, **ctx.seq)
         if side:
             main.wait_stream(side)
-        # dUK, dUV now hold dZ and dSK, dSV the dS at each chunk's end
-        _state_grads_kernel[(NC, B * H, 2)](k, v, log_beta, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dk, dv, dkf, dvf,
-                                            dlbK, dlbV, T, H, NC, **ctx.grads)
+        # dUK, dUV now hold dZ and dSK, dSV (chunks 1 ..) the dS at each chunk's start
+        _state_grads_kernel[(NC, B * H, 2)](k, v, log_beta, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT, dVT, dk, dv,
+                                            dkf, dvf, dlbK, dlbV, T, H, NC, **ctx.grads)
         return (dq, dkf, dvf, (dalK + dalV).to(alpha.dtype),
                 dlb_read + dlbK + dlbV, dgmK + dgmV, dKs[0], dVs[0], None, None, None, None, None, None, None, None,
                 None)
