@@ -11,16 +11,15 @@ chunks in parallel from the stored chunk-start memories (trellis.py, sections 3 
 
     forward   _state_fwd_kernel   grid (B*H, 2 passes), chunks in order:
                                   Z = W S^T, U = gamma code(Z, A), S <- e^{b_c} S - (U . to_end)^T W
-              _read_fwd_kernel    grid (chunks, B*H); in long sequences both take the chunks in
-                                  runs, so that the reads of one run overlap the walk of the next:
+              _read_fwd_kernel    grid (chunks, B*H):
                                   Yhat = e^b q K^T - ((q k^T) . Gam) Uk,  R = f(Yhat),
                                   O = e^b R V - ((R Uv^T) . Gam) v
     backward  _read_bwd_value_kernel, _read_bwd_key_kernel   grid (chunks, B*H): the reads' gradients
               _state_bwd_kernel   grid (B*H, 2 passes), chunks in reverse carrying dS = dLoss/dS:
                                   through the codes (including z's dependence on S) and the updates;
-                                  stores dZ and dS at each chunk's start. In long sequences it
-                                  walks the runs last first, each while the read kernels
-                                  differentiate the one before
+                                  stores dZ and dS at each chunk's start. In long sequences the backward
+                                  takes the chunks in runs, last run first, so that this kernel
+                                  walks one run while the read kernels differentiate the next
               _state_grads_kernel grid (chunks, B*H, 2 passes): from those, dW and d log beta of
                                   the state updates, every chunk in parallel
 
@@ -48,7 +47,7 @@ Legend: kernel names -> trellis.py's symbols (one head, one chunk of C rows)
     Uk, Uv, Yk           Ubar of the key / value pass and yhat, [C, m]
     mm, tm               masks: real slots (m may be padded to a power of 2), real times (T % C)
   launch constants
-    C0, NCS              a run of chunks: its first chunk and its length (long sequences)
+    C0, NCS              a run of chunks: its first chunk and its length (the backward in runs)
     EVEN                 d_k = d_v and m equal their power-of-two blocks: sizes compiled in
 
     python kernel.py                  # GPU: check against the PyTorch forms, then the benchmark table
@@ -373,12 +372,11 @@ def _exact_codes_bwd(Z, L, a, g, dU, mm, M, PHI: tl.constexpr, EPS: tl.constexpr
 
 
 @triton.jit
-def _state_fwd_kernel(k, v, al, LB, GM, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC, C0, NCS,
+def _state_fwd_kernel(k, v, al, LB, GM, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC,
                       DK, DV, M, BD: tl.constexpr, BM: tl.constexpr,
                       C: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
                       EXACT: tl.constexpr, EVEN: tl.constexpr):
-    """Grid (B*H, 2 passes), chunks C0 .. C0 + NCS - 1 from K0, V0 (the run's start state) to
-    KT, VT (its end). Per chunk: Z = W Sᵀ (EXACT: the per-token z, _exact_codes_fwd),
+    """Grid (B*H, 2 passes). Per chunk: Z = W Sᵀ (EXACT: the per-token z, _exact_codes_fwd),
     U = γ code(Z, α), S <- e^{b_C} S - (U ⊙ to_end)ᵀ W.
     Stores each chunk's start state [B,H,NC,m,d] and U [B,T,H,m] for the parallel kernels."""
     if EVEN:  # every size equals its block: strides, masks and divisors are known when compiling
@@ -397,7 +395,7 @@ def _state_fwd_kernel(k, v, al, LB, GM, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC
     loc = om[:, None] * D + od[None, :]  # [BM, BD] offsets inside one m x d state
     S = tl.load(S0 + pid * M * D + loc, mask=smask, other=0.0)
     row_w, row_m = bi * s_b * D + h * D, bi * s_b * M + h * M
-    for ci in range(C0, C0 + NCS):
+    for ci in range(0, NC):
         tl.store(SS + (pid * NC + ci) * M * D + loc, S, mask=smask)
         t = ci * C + oc
         tm = t < T
@@ -418,16 +416,15 @@ def _state_fwd_kernel(k, v, al, LB, GM, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC
 
 
 @triton.jit
-def _read_fwd_kernel(q, k, v, LB, SK, SV, UK, UV, o, YK, T, H, NC, C0,
+def _read_fwd_kernel(q, k, v, LB, SK, SV, UK, UV, o, YK, T, H, NC,
                      DK, DV, M,
                      BDK: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, C: tl.constexpr,
                      F: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr, EVEN: tl.constexpr):
-    """Grid (chunks of a run, B*H), chunk C0 + program_id(0): its reads from its start states and
-    stored codes:
+    """Grid (NC, B*H): one chunk's reads from its start states and stored codes:
     Yhat = e^b q Kᵀ - ((q kᵀ) ⊙ Γ) Uk,  R = f(Yhat),  O = e^b R V - ((R Uvᵀ) ⊙ Γ) v."""
     if EVEN:
         DK, DV, M = BDK, BDV, BM
-    ci, pid = C0 + tl.program_id(0), tl.program_id(1)
+    ci, pid = tl.program_id(0), tl.program_id(1)
     bi, h, s_b, s_t, gb, oc, t, tm = _chunk_rows(ci, pid, T, H, C)
     odk, odv, om = tl.arange(0, BDK), tl.arange(0, BDV), tl.arange(0, BM)
     mm = (om < M)[None, :]
@@ -696,11 +693,10 @@ class TrellisChunkFn(torch.autograd.Function):
     """(q, k, v, alpha, log_beta, gamma, K0, V0) -> (o, K_T, V_T); q..alpha [B,T,H,*] contiguous,
     log_beta, gamma [B,T,H] fp32, K0, V0 [B,H,m,d] fp32.
 
-    runs > 1 cuts the chunks into that many runs, so that the sequential kernels walk one run
-    while the read kernels take another: they go to a side stream. In the forward the reads of a
-    run wait only for _state_fwd_kernel's walk of that run; in the backward _state_bwd_kernel
-    waits only for the reads of the run it is about to walk, last run first. On the CPU (the
-    interpreter) the same launches run in order."""
+    runs > 1 cuts the backward's chunks into that many runs, so that _state_bwd_kernel walks
+    the last run while the read kernels differentiate the others: it goes to a side stream and
+    waits only for the reads of the run it is about to walk. On the CPU (the interpreter) the
+    same launches run in order."""
 
     @staticmethod
     def forward(ctx, q, k, v, alpha, log_beta, gamma, K0, V0, phi, f, phi_eps, f_eps, C, exact, prec, num_warps,
@@ -714,21 +710,9 @@ class TrellisChunkFn(torch.autograd.Function):
         SK, SV = torch.empty(B, H, NC, M, DK, **f32), torch.empty(B, H, NC, M, DV, **f32)  # chunk-start states
         UK, UV = torch.empty(alpha.shape, **f32), torch.empty(alpha.shape, **f32)  # Ubar = γ code(Z, α)
         seq, par, grads = _launch_config(DK, DV, M, C, phi, f, phi_eps, f_eps, exact, prec, num_warps)
+        _state_fwd_kernel[(B * H, 2)](k, v, alpha, log_beta, gamma, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC, **seq)
         YK = torch.empty(alpha.shape, **f32)  # the key pass's read yhat, kept for the backward
-        spans = _runs(NC, runs)  # (first chunk, count) of each run
-        Ks = [K0] + [torch.empty_like(K0) for _ in spans[1:]] + [KT]  # the states where runs meet
-        Vs = [V0] + [torch.empty_like(V0) for _ in spans[1:]] + [VT]
-        side = _side_stream(q.device) if q.is_cuda and len(spans) > 1 else None
-        main = torch.cuda.current_stream(q.device) if side else None
-        if side:
-            side.wait_stream(main)  # the inputs
-        for r, (c0, n) in enumerate(spans):
-            with torch.cuda.stream(side) if side else contextlib.nullcontext():
-                _state_fwd_kernel[(B * H, 2)](k, v, alpha, log_beta, gamma, Ks[r], Vs[r], SK, SV, UK, UV,
-                                              Ks[r + 1], Vs[r + 1], T, H, NC, c0, n, **seq)
-            if side:
-                main.wait_stream(side)  # this run's states (the next run is not queued yet)
-            _read_fwd_kernel[(n, B * H)](q, k, v, log_beta, SK, SV, UK, UV, o, YK, T, H, NC, c0, **par)
+        _read_fwd_kernel[(NC, B * H)](q, k, v, log_beta, SK, SV, UK, UV, o, YK, T, H, NC, **par)
         ctx.save_for_backward(q, k, v, alpha, log_beta, gamma, SK, SV, UK, UV, YK)
         ctx.seq, ctx.par, ctx.grads, ctx.NC, ctx.runs = seq, par, grads, NC, runs
         return o, KT, VT
@@ -795,7 +779,7 @@ def default_warps(m, exact=False, programs=None, sms=None):
 
 
 def default_runs(programs=None, sms=None):
-    """Runs of chunks (TrellisChunkFn): 8 when the sequential kernels' `programs`
+    """Runs of chunks in the backward (TrellisChunkFn): 8 when the sequential kernels' `programs`
     (B*H*2) leave at least half of the GPU's `sms` multiprocessors to the read kernels, as in long
     sequences; else 1 (NOTES.md, section 3.2)."""
     if programs is not None and sms is not None and 2 * programs <= sms:
