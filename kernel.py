@@ -476,9 +476,10 @@ def _read_bwd_value_kernel(v, LB, SV, UV, YK, do, dv, dUV, dSV, dYK, dlb, T, H, 
     R = _f_fwd(Yk, mm, M, F, EPS)
     Pv = _dot(R, tl.trans(Uv), PREC)
     dPv = -_dot(dO, tl.trans(vv), PREC) * Gam  # dL/d(R Uvᵀ)
-    dR = eb[:, None] * _dot(dO, tl.trans(Vs), PREC) + _dot(dPv, Uv, PREC)
+    dOV = _dot(dO, tl.trans(Vs), PREC)
+    dR = eb[:, None] * dOV + _dot(dPv, Uv, PREC)
     G = dPv * Pv  # dΓ ⊙ Γ
-    db = tl.sum(dO * _dot(R, Vs, PREC), 1) * eb + tl.sum(G, 1) - tl.sum(G, 0)
+    db = tl.sum(R * dOV, 1) * eb + tl.sum(G, 1) - tl.sum(G, 0)  # R * dOV: rows of dO ⊙ (R V), summed
     rows_m = row_m + t[:, None] * s_t * M + om[None, :]
     mrow = tm[:, None] & mm
     tl.store(dYK + rows_m, _f_bwd(Yk, dR, mm, M, F, EPS), mask=mrow)
@@ -512,8 +513,9 @@ def _read_bwd_key_kernel(q, k, LB, SK, UK, dYK, dq, dk, dUK, dSK, dlb, T, H, NC,
     Pk = _dot(qq, tl.trans(kk), PREC)
     dPk = -_dot(dYk, tl.trans(Uk), PREC) * Gam  # dL/d(q kᵀ)
     G = dPk * Pk
-    db = tl.sum(dYk * _dot(qq, tl.trans(Ks), PREC), 1) * eb + tl.sum(G, 1) - tl.sum(G, 0)
-    dqq = eb[:, None] * _dot(dYk, Ks, PREC) + _dot(dPk, kk, PREC)
+    dYKs = _dot(dYk, Ks, PREC)
+    db = tl.sum(qq.to(tl.float32) * dYKs, 1) * eb + tl.sum(G, 1) - tl.sum(G, 0)  # rows of dYk ⊙ (q Kᵀ), summed
+    dqq = eb[:, None] * dYKs + _dot(dPk, kk, PREC)
     tl.store(dq + row_k + t[:, None] * s_t * DK + odk[None, :], dqq.to(dq.dtype.element_ty),
              mask=tm[:, None] & (odk[None, :] < DK))
     tl.store(dk + row_k + t[:, None] * s_t * DK + odk[None, :], _dot(tl.trans(dPk), qq, PREC),
@@ -595,14 +597,14 @@ def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT,
 
 
 @triton.jit
-def _state_grads_kernel(k, v, LB, SK, SV, UK, UV, dZK, dZV, dSK, dSV, dKT, dVT, dk, dv, dkf, dvf, dlbK, dlbV, T, H,
-                        NC,
-                        DK, DV, M, BD: tl.constexpr, BM: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
+def _state_grads_kernel(k, v, LB, SK, SV, UK, UV, dZK, dZV, dSK, dSV, dKT, dVT, dk, dv, dkf, dvf, dlbK, dlbV,
+                        dalK, dalV, dal, dgmK, dgmV, dgm, T, H, NC, DK, DV, M, BD: tl.constexpr, BM: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
                         EXACT: tl.constexpr, EVEN: tl.constexpr):
     """Grid (NC, B*H, 2 passes), every chunk in parallel once _state_bwd_kernel has stored its dZ
     and the dS at its end: the state updates' share of dW, dZ S - (U ⊙ to_end) dS, added to the
     reads' share (dk, dv) and stored in the inputs' dtype (dkf, dvf); and d log beta (through
-    e^{b_C}, to_end and, EXACT, through Z = diag(e^{b_{i-1}}) W Sᵀ - L U with L = (W Wᵀ) ⊙ Γ')."""
+    e^{b_C}, to_end and, EXACT, through Z = diag(e^{b_{i-1}}) W Sᵀ - L U with L = (W Wᵀ) ⊙ Γ').
+    Also the sums of the two passes' dα (key-pass programs, stored in α's dtype) and dγ (value pass)."""
     if EVEN:  # every size equals its block: strides, masks and divisors are known when compiling
         DK, DV, M = BD, BD, BM
     ci, pid = tl.program_id(0), tl.program_id(1)
@@ -645,6 +647,14 @@ def _state_grads_kernel(k, v, LB, SK, SV, UK, UV, dZK, dZV, dSK, dSV, dKT, dVT, 
     db = tl.where(oc == C - 1, tl.sum(tl.sum(dS * S, 1), 0) * tl.exp(b_c) + tl.sum(gd, 0), 0.0) - gd + db_extra
     # d log beta_j = sum_{i>=j} db_i, less the b_{i-1} = b_i - log beta_i share
     tl.store(dlb + gb + t * s_t, tl.sum(db, 0) - tl.cumsum(db, 0) + db - db_prev, mask=tm)
+    if tl.program_id(2) == 0:
+        rows_m = row_m + t[:, None] * s_t * M + om[None, :]
+        mrow = tm[:, None] & (om[None, :] < M)
+        da = tl.load(dalK + rows_m, mask=mrow, other=0.0) + tl.load(dalV + rows_m, mask=mrow, other=0.0)
+        tl.store(dal + rows_m, da.to(dal.dtype.element_ty), mask=mrow)
+    else:
+        tl.store(dgm + gb + t * s_t, tl.load(dgmK + gb + t * s_t, mask=tm) + tl.load(dgmV + gb + t * s_t, mask=tm),
+                 mask=tm)
 
 
 # -----------------------------------------------------------------------------
@@ -758,11 +768,12 @@ class TrellisChunkFn(torch.autograd.Function):
         if side:
             main.wait_stream(side)
         # dUK, dUV now hold dZ and dSK, dSV (chunks 1 ..) the dS at each chunk's start
+        dal, dgm = torch.empty_like(alpha), torch.empty_like(gamma)
         _state_grads_kernel[(NC, B * H, 2)](k, v, log_beta, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT, dVT, dk, dv,
-                                            dkf, dvf, dlbK, dlbV, T, H, NC, **ctx.grads)
-        return (dq, dkf, dvf, (dalK + dalV).to(alpha.dtype),
-                dlb_read + dlbK + dlbV, dgmK + dgmV, dKs[0], dVs[0], None, None, None, None, None, None, None, None,
-                None)
+                                            dkf, dvf, dlbK, dlbV, dalK, dalV, dal, dgmK, dgmV, dgm, T, H, NC,
+                                            **ctx.grads)
+        return (dq, dkf, dvf, dal, dlb_read + dlbK + dlbV, dgm, dKs[0], dVs[0], None, None, None, None, None, None,
+                None, None, None)
 
 
 def default_warps(m, exact=False, programs=None, sms=None):
@@ -1059,7 +1070,7 @@ def shared_memory(C, m, d, phi="norm_silu", f="norm_silu", exact=False, num_warp
         warps, stages = launch["num_warps"], launch["num_stages"]
         consts = {k: v for k, v in launch.items() if k in fn.arg_names and k not in ("DK", "DV", "M")}
         ints = ("T", "H", "NC", "C0", "NCS", "DK", "DV", "M")
-        inputs = ("q", "k", "v", "al", "do", "o", "dq", "dkf", "dvf")  # in the inputs' dtype
+        inputs = ("q", "k", "v", "al", "do", "o", "dq", "dkf", "dvf", "dal")  # in the inputs' dtype
         sig = {a: "constexpr" if a in consts else "i32" if a in ints else f"*{dtype}" if a in inputs else "*fp32"
                for a in fn.arg_names}
         src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
