@@ -598,7 +598,8 @@ def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT,
 
 @triton.jit
 def _state_grads_kernel(k, v, LB, SK, SV, UK, UV, dZK, dZV, dSK, dSV, dKT, dVT, dk, dv, dkf, dvf, dlbK, dlbV,
-                        dalK, dalV, dal, dgmK, dgmV, dgm, T, H, NC, DK, DV, M, BD: tl.constexpr, BM: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
+                        dalK, dalV, dal, dgmK, dgmV, dgm, T, H, NC, DK, DV, M,
+                        BD: tl.constexpr, BM: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
                         EXACT: tl.constexpr, EVEN: tl.constexpr):
     """Grid (NC, B*H, 2 passes), every chunk in parallel once _state_bwd_kernel has stored its dZ
     and the dS at its end: the state updates' share of dW, dZ S - (U ⊙ to_end) dS, added to the
@@ -776,17 +777,11 @@ class TrellisChunkFn(torch.autograd.Function):
                 None, None, None)
 
 
-def default_warps(m, exact=False, programs=None, sms=None):
-    """(sequential, parallel) warps: 4, with two exceptions. m > 128: 8, whose [256, d] memory
-    tiles need the registers of 8 warps (at 4 a thread would spill 1-4 KB in the backward; ptxas
-    -v, sm_90a). The exact rule when its `programs` sequential programs (B*H*2) fit on the
-    GPU's `sms` multiprocessors at once, as in long sequences: 8 for the sequential kernels,
-    whose sweeps then finish sooner per chunk (NOTES.md, section 3.2)."""
-    if m > 128:
-        return (8, 8)
-    if exact and programs is not None and sms is not None and programs <= sms:
-        return (8, 4)
-    return (4, 4)
+def default_warps(m):
+    """(sequential, parallel) warps: 4; 8 for m > 128, whose [256, d] memory tiles need the
+    registers of 8 warps (at 4 a thread would spill 1-4 KB in the backward; ptxas -v, sm_90a).
+    The exact rule included: its sweeps at 8 warps were slower at every T (NOTES.md, section 3.2)."""
+    return (8, 8) if m > 128 else (4, 4)
 
 
 def default_runs(programs=None, sms=None):
@@ -849,7 +844,7 @@ def trellis_op_triton(q, k, v, alpha, beta, gamma, K0=None, V0=None, *, phi, f, 
     exact = sweeps >= chunk_size - 1 > 0  # the per-token recurrence inside each chunk
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else None
     if num_warps is None:
-        num_warps = default_warps(m, exact, B * H * 2, sms)
+        num_warps = default_warps(m)
     if runs is None:
         runs = default_runs(B * H * 2, sms)
     o, KT, VT = TrellisChunkFn.apply(q, k, v, alpha, log_beta, gamma, K0, V0, phi, f, phi_eps, f_eps, chunk_size,
@@ -1057,8 +1052,7 @@ def shared_memory(C, m, d, phi="norm_silu", f="norm_silu", exact=False, num_warp
     """Bytes of shared memory each kernel needs at chunk size C, m slots and d_k = d_v = d, with
     q, k, v, alpha in `dtype` ("fp32" or "bf16", whose dots differ), compiled for sm_90 with
     Triton's bundled ptxas: no GPU needed. Needs TRITON_INTERPRET unset or 0 (the interpreter
-    compiles nothing). num_warps None: default_warps(m) for a grid larger than the GPU (pass
-    (8, 4) for the exact rule's other choice)."""
+    compiles nothing). num_warps None: default_warps(m)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 

@@ -705,8 +705,8 @@ def test_kernel_fits_hopper_shared_memory():
 
     import kernel
 
-    sizes = [(64, 64, 64, False, None), (64, 64, 64, True, None), (64, 64, 64, True, (8, 4)),
-             (32, 128, 128, False, None), (32, 128, 128, True, None), (32, 128, 128, True, (8, 4)),
+    sizes = [(64, 64, 64, False, None), (64, 64, 64, True, None),
+             (32, 128, 128, False, None), (32, 128, 128, True, None),
              (16, 256, 64, False, None), (16, 256, 64, True, None), (64, 128, 64, False, None)]
     script = ("import json, kernel; print(json.dumps([max(max(kernel.shared_memory(C, m, d, exact=e, num_warps=w, "
               f"dtype=t).values()) for t in ('fp32', 'bf16')) for C, m, d, e, w in {sizes!r}]))")
@@ -736,14 +736,11 @@ def test_train_tiny_names_why_the_operator_falls_back():
 
 
 def test_kernel_default_warps():
-    """4 warps, but 8 for m > 128 (registers), and 8 for the exact rule's sequential kernels when
-    its B*H*2 sequential programs fit on the GPU's multiprocessors at once (long sequences)."""
+    """4 warps, but 8 for m > 128 (registers), in both rules."""
     import kernel
 
-    assert kernel.default_warps(64) == kernel.default_warps(64, True, 512, 132) == (4, 4)
-    assert kernel.default_warps(64, False, 32, 132) == kernel.default_warps(64, True, 32, None) == (4, 4)
-    assert kernel.default_warps(64, True, 132, 132) == (8, 4)
-    assert kernel.default_warps(200) == kernel.default_warps(256, True, 32, 132) == (8, 8)
+    assert kernel.default_warps(64) == kernel.default_warps(128) == (4, 4)
+    assert kernel.default_warps(200) == kernel.default_warps(256) == (8, 8)
 
 
 def test_kernel_default_runs():
