@@ -669,13 +669,15 @@ def _block(n):
 def _launch_config(DK, DV, M, C, phi, f, phi_eps, f_eps, exact, prec, num_warps):
     """Keyword arguments of the launches of the sequential (state) kernels, the parallel read
     kernels and _state_grads_kernel. (warps, pipeline stages): the sequential kernels prefetch
-    the next chunk; the parallel ones have no loop to pipeline (shared_memory() reports each
-    kernel's bytes). The sequential kernels evaluate phi's code, the read kernels f: each has
+    the next chunk, unless an [m, d] memory tile holds over 8192 entries (m = d = 128, or m = 256):
+    the backward's prefetched fp32 tiles would then take 280-304 KB of shared memory; the parallel
+    ones have no loop to pipeline (shared_memory() reports each kernel's bytes). The sequential kernels evaluate phi's code, the read kernels f: each has
     its own eps."""
     even = DK == DV == _block(DK) and M == _block(M)  # no padding: sizes known when compiling
     dims = dict(DK=DK, DV=DV, M=M, BM=_block(M), C=C, PREC=prec, EVEN=even)
-    seq = dict(dims, BD=max(_block(DK), _block(DV)), PHI=_PHI_ID[phi], EPS=phi_eps, EXACT=exact,
-               num_warps=num_warps[0], num_stages=2)
+    BD = max(_block(DK), _block(DV))
+    seq = dict(dims, BD=BD, PHI=_PHI_ID[phi], EPS=phi_eps, EXACT=exact,
+               num_warps=num_warps[0], num_stages=2 if _block(M) * BD <= 8192 else 1)
     par = dict(dims, BDK=_block(DK), BDV=_block(DV), F=_F_ID[f], EPS=f_eps, num_warps=num_warps[1], num_stages=1)
     grads = dict(dims, BD=seq["BD"], EXACT=exact, num_warps=num_warps[1], num_stages=1)
     return seq, par, grads
