@@ -79,7 +79,7 @@ _COMPILED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")  # Fals
 @triton.jit
 def _exp(x):
     """e^x in one ex2.approx.ftz: the approximation tl.exp uses, without its fix-up for results
-    below 2^-126 (they flush to zero). Each element of a [64, 64] tile costs 3 instructions, not 6."""
+    below 2^-126 (a compare and two predicated products an element; such results flush to zero)."""
     if _COMPILED:
         return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x * 1.4426950408889634],
                                          dtype=tl.float32, is_pure=True, pack=1)
