@@ -855,6 +855,108 @@ def trellis_op_triton(q, k, v, alpha, beta, gamma, K0=None, V0=None, *, phi, f, 
 
 
 # -----------------------------------------------------------------------------
+# the layer's short convolution: y = silu(causal depthwise conv of x over time, width W), in one
+# pass each way (PyTorch's depthwise conv1d takes a transpose copy each way and a slow weight
+# gradient; trellis.ShortConv is the reference and uses this on CUDA)
+
+
+@triton.jit
+def _conv_pre(x, w, t, tm0, T, oc, cm, s_t, j0: tl.constexpr, W: tl.constexpr, BT: tl.constexpr,
+              BC: tl.constexpr):
+    """The convolution before the SiLU at rows t + j0 (x points at the batch's row 0)."""
+    acc = tl.zeros([BT, BC], dtype=tl.float32)
+    for j in tl.static_range(W):  # tap j sees row t + j0 - (W - 1) + j
+        r = t + j0 - (W - 1) + j
+        xm = (r >= 0) & (r < T) & tm0
+        xj = tl.load(x + r[:, None] * s_t + oc[None, :], mask=xm[:, None] & cm[None, :], other=0.0)
+        acc += xj.to(tl.float32) * tl.load(w + oc * W + j, mask=cm, other=0.0)[None, :]
+    return acc
+
+
+@triton.jit
+def _short_conv_fwd_kernel(x, w, y, T, CH, s_b, s_t, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """Grid (T blocks, channel blocks, B). x [B,T,CH] with row stride s_t (channels contiguous),
+    w [CH, W] fp32; y [B,T,CH] contiguous in x's dtype."""
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    oc = tl.program_id(1) * BC + tl.arange(0, BC)
+    bi = tl.program_id(2)
+    tm, cm = t < T, oc < CH
+    z = _conv_pre(x + bi * s_b, w, t, tm, T, oc, cm, s_t, 0, W, BT, BC)
+    out = z * tl.sigmoid(z)
+    tl.store(y + bi * T * CH + t[:, None] * CH + oc[None, :], out.to(y.dtype.element_ty),
+             mask=tm[:, None] & cm[None, :])
+
+
+@triton.jit
+def _short_conv_bwd_kernel(x, w, dy, dx, dwp, T, CH, s_b, s_t, W: tl.constexpr, BT: tl.constexpr,
+                           BC: tl.constexpr):
+    """Grid as the forward; dy, dx [B,T,CH] contiguous. dz_t = dy_t silu'(z_t) (z recomputed),
+    dx_r = sum_j w_j dz_{r + W - 1 - j}, and this block's share of dw_j = sum_t dz_t x_{t - W + 1 + j},
+    stored in dwp [B * T blocks, CH, W] (summed in PyTorch: no atomics, a fixed order)."""
+    pt, pc, bi = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t = pt * BT + tl.arange(0, BT)
+    oc = pc * BC + tl.arange(0, BC)
+    tm, cm = t < T, oc < CH
+    xb, dyb = x + bi * s_b, dy + bi * T * CH
+    acc = tl.zeros([BT, BC], dtype=tl.float32)
+    for s in tl.static_range(W):  # dz at rows t + s feeds dx_t through tap W - 1 - s
+        r = t + s
+        rm = (r < T) & tm
+        z = _conv_pre(xb, w, t, tm, T, oc, cm, s_t, s, W, BT, BC)
+        sg = tl.sigmoid(z)
+        g = tl.load(dyb + r[:, None] * CH + oc[None, :], mask=rm[:, None] & cm[None, :], other=0.0)
+        dz = g.to(tl.float32) * sg * (1 + z * (1 - sg))
+        acc += dz * tl.load(w + oc * W + (W - 1 - s), mask=cm, other=0.0)[None, :]
+        if s == 0:  # this block's rows: their share of dw
+            for j in tl.static_range(W):
+                rj = t - (W - 1) + j
+                xm = (rj >= 0) & tm
+                xj = tl.load(xb + rj[:, None] * s_t + oc[None, :], mask=xm[:, None] & cm[None, :], other=0.0)
+                part = tl.sum(dz * xj.to(tl.float32), 0)  # [BC]
+                tl.store(dwp + ((bi * tl.num_programs(0) + pt) * CH + oc) * W + j, part, mask=cm)
+    tl.store(dx + bi * T * CH + t[:, None] * CH + oc[None, :], acc.to(dx.dtype.element_ty),
+             mask=tm[:, None] & cm[None, :])
+
+
+class ShortConvFn(torch.autograd.Function):
+    """(x [B,T,CH], channels contiguous; weight [CH, W]) -> silu(causal depthwise conv) [B,T,CH]."""
+
+    BT, BC = 64, 64
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        B, T, CH = x.shape
+        w = weight.float().contiguous()
+        y = torch.empty(B, T, CH, dtype=x.dtype, device=x.device)
+        grid = (triton.cdiv(T, ShortConvFn.BT), triton.cdiv(CH, ShortConvFn.BC), B)
+        _short_conv_fwd_kernel[grid](x, w, y, T, CH, x.stride(0), x.stride(1), W=w.shape[1],
+                                     BT=ShortConvFn.BT, BC=ShortConvFn.BC)
+        ctx.save_for_backward(x, w)
+        ctx.weight_dtype = weight.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        B, T, CH = x.shape
+        dy = dy.contiguous()
+        grid = (triton.cdiv(T, ShortConvFn.BT), triton.cdiv(CH, ShortConvFn.BC), B)
+        dx = torch.empty(B, T, CH, dtype=x.dtype, device=x.device)
+        dwp = torch.empty(B * grid[0], CH, w.shape[1], dtype=torch.float32, device=x.device)
+        _short_conv_bwd_kernel[grid](x, w, dy, dx, dwp, T, CH, x.stride(0), x.stride(1), W=w.shape[1],
+                                     BT=ShortConvFn.BT, BC=ShortConvFn.BC)
+        return dx, dwp.sum(0).to(ctx.weight_dtype)
+
+
+def short_conv_silu(x, weight):
+    """silu(causal depthwise conv1d(x, weight)) over time: x [B,T,CH] (any strides with the
+    channels contiguous), weight [CH, W]; the result is [B,T,CH] in x's dtype."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return ShortConvFn.apply(x, weight)
+
+
+# -----------------------------------------------------------------------------
 # python kernel.py: check on the GPU against the PyTorch chunked form, then benchmark
 
 
@@ -1019,6 +1121,22 @@ def bench(device="cuda", Ts=(1024, 4096, 16384), pytorch_Ts=(1024, 4096, 16384),
     return rows
 
 
+def bench_short_conv(device="cuda", T=16384, tokens=32768, channels=512):
+    """fwd+bwd ms of the layer's short convolution + SiLU (q and k of the default model: 2 x 256
+    channels) at B*T = tokens in bf16: short_conv_silu against ShortConv's PyTorch form."""
+    import trellis as tr
+
+    B = tokens // T
+    x = torch.randn(B, T, channels, device=device, dtype=torch.bfloat16, requires_grad=True)
+    conv = tr.ShortConv(channels).to(device)
+    dy = torch.randn_like(x)
+    kern = lambda: torch.autograd.grad(short_conv_silu(x, conv.weight[:, 0]), (x, conv.weight), dy)  # noqa: E731
+    zeros = torch.zeros_like(x[:, :3])  # a carried zero state: ShortConv's PyTorch form, the same sums
+    pt = lambda: torch.autograd.grad(conv(x, cache=zeros)[0], (x, conv.weight), dy)  # noqa: E731
+    print(f"short conv + SiLU, B={B} T={T} {channels} channels, bf16, fwd+bwd: kernel {_time(kern):.3f} ms, "
+          f"PyTorch conv1d {_time(pt):.3f} ms", flush=True)
+
+
 def profile(device="cuda", T=16384, tokens=32768, H=8, d=64, m=64, C=64):
     """Time of each kernel of the default variant (CUDA events around each launch)."""
     B = tokens // T
@@ -1109,12 +1227,15 @@ if __name__ == "__main__":
     ap.add_argument("--pytorch-T", default="1024,4096,16384", help="T at which to time the PyTorch forms too")
     ap.add_argument("--profile", action="store_true", help="per-kernel times at T = 1024 and 16384")
     ap.add_argument("--fla", action="store_true", help="also time fla's chunk_gsa and delta rule (fla-core)")
+    ap.add_argument("--short-conv", action="store_true", help="only time the layer's short convolution")
     a = ap.parse_args()
     if a.device == "cpu":
         cpu_table()
     else:
         props = torch.cuda.get_device_properties(0)
         print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}")
+        if a.short_conv:
+            raise SystemExit(bench_short_conv(a.device))
         if not a.skip_check:
             check(a.device)
         bench(a.device, Ts=[int(t) for t in a.T.split(",")], pytorch_Ts=[int(t) for t in a.pytorch_T.split(",") if t],

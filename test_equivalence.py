@@ -694,6 +694,32 @@ def test_model_with_kernel_equals_chunked(sweeps, monkeypatch):
     assert_all_close(results[1], results[0], 1e-4, names)
 
 
+@given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 3), T=st.integers(1, 140), C=st.integers(1, 70),
+       gap=st.sampled_from([0, 3]))
+def test_kernel_short_conv_equals_conv1d(seed, B, T, C, gap):
+    """kernel.short_conv_silu (the layer's causal conv + SiLU on CUDA) equals ShortConv's
+    PyTorch form in float64: outputs and the gradients of x and of the weight, for T below and
+    across the kernel's 64-row blocks, channels across its 64-wide blocks, and x a view with
+    a row stride wider than its channels (a slice of the layer's projection)."""
+    import kernel
+
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(B, T, C + gap, generator=g)
+    w = torch.randn(C, 1, 4, generator=g)
+    cot = torch.randn(B, T, C, generator=g)
+    conv = tr.ShortConv(C).double()
+    conv.weight = torch.nn.Parameter(w.double())
+    xd = base[..., :C].double().requires_grad_(True)
+    want = conv(xd)[0]
+    gwant = torch.autograd.grad(want, (xd, conv.weight), cot.double())
+    xb = base.to(KERNEL_DEVICE).requires_grad_(True)
+    wk = w.to(KERNEL_DEVICE).requires_grad_(True)
+    got = kernel.short_conv_silu(xb[..., :C], wk[:, 0])
+    ggot = torch.autograd.grad(got, (xb, wk), cot.to(KERNEL_DEVICE))
+    assert_all_close(as_reference([got, ggot[0][..., :C], ggot[1]]), [want] + list(gwant), 1e-5, ["y", "dx", "dw"])
+    assert (ggot[0][..., C:] == 0).all()
+
+
 def test_kernel_fits_hopper_shared_memory():
     """The largest sizes kernel.unsupported accepts (d, m <= 64 at C = 64; up to 128 at C = 32;
     m = 256 with d = 64 at C = 16) fit an H100's shared memory, in both rules and at every warp
@@ -851,6 +877,21 @@ def test_train_tiny_resume_refuses_conflicting_model_flags(tmp_path, capsys, fla
     before = _files(tmp_path / "out")
     code, err = _exit(capsys, _run, tmp_path, "--resume", *flag)
     assert code == 2 and err.count("\n") == 1 and flag[0] in err and "Traceback" not in err
+    assert _files(tmp_path / "out") == before
+
+
+def test_train_tiny_resume_refuses_other_parameter_names(tmp_path, capsys):
+    """A checkpoint whose parameters are named differently (another layout of the layer) is
+    refused with one line naming them, exit code 2, and no file is touched."""
+    _run(tmp_path, "--max-iters", "10", "--eval-interval", "10", "--sample-tokens", "0")
+    path = tmp_path / "out" / "ckpt.pt"
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["model"] = {k.replace("in_proj", "q_proj"): w for k, w in ckpt["model"].items()}
+    torch.save(ckpt, path)
+    before = _files(tmp_path / "out")
+    code, err = _exit(capsys, _run, tmp_path, "--resume")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "q_proj" in err and "in_proj" in err and "another version" in err
     assert _files(tmp_path / "out") == before
 
 

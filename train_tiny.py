@@ -393,6 +393,18 @@ def model_config(args, vocab_size):
                          gamma_init=args.gamma_max / 2)
 
 
+def load_weights(model, ckpt, path):
+    """The checkpoint's weights into model, or one line naming what differs (a checkpoint of a
+    trellis.py whose parameters were laid out differently)."""
+    want, have = set(model.state_dict()), set(ckpt["model"])
+    if want != have:
+        names = lambda s: ", ".join(sorted(s)[:3]) + (" ..." if len(s) > 3 else "")  # noqa: E731
+        fail(f"error: {path} holds parameters this trellis.py does not have ({names(have - want) or '-'}) "
+             f"and lacks some it has ({names(want - have) or '-'}): it was written by another version "
+             f"of trellis.py; train anew with --overwrite", code=2)
+    model.load_state_dict(ckpt["model"])
+
+
 def make_optimizer(model, args):
     decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and embeddings
     rest = [p for p in model.parameters() if p.dim() < 2]  # norms, gate biases
@@ -606,7 +618,7 @@ def train(args):
     if ckpt is not None:
         if TrellisConfig(**ckpt["config"]) != replace(cfg, impl=ckpt["config"]["impl"]):
             fail(f"error: {args.resume or ckpt_path} holds a model that the flags do not rebuild", code=2)
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt, args.resume or ckpt_path)
         opt.load_state_dict(ckpt["optimizer"])
         st.update({k: ckpt[k] for k in st if k in ckpt})
         print(f"resumed from {args.resume or ckpt_path} at iter {st['iter_num']} "
@@ -786,7 +798,7 @@ def eval_from(args):
     split = load_tokens(args, text, digest, encode)
     cfg = TrellisConfig(**dict(ckpt["config"], impl=args.impl))
     model = TrellisLM(cfg).to(args.device)
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt, args.eval_from)
     losses = context_losses(model, split["val"], args.eval_contexts_list, args, autocast_for(args))
     print(f"{args.eval_from}: {cfg.mixer}, trained at context {saved.get('block_size')}")
     print_context_table(losses)

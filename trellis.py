@@ -421,23 +421,33 @@ class RMSNorm(nn.Module):
 
 
 class ShortConv(nn.Module):
-    """Causal depthwise convolution over time (width 4) with a carried state of the last
-    width - 1 inputs, so prefill and one-token steps compute the same thing."""
+    """Causal depthwise convolution over time (width 4) and a SiLU, with a carried state of the
+    last width - 1 inputs, so prefill and one-token steps compute the same thing. On CUDA a
+    sequence without a carried state takes kernel.short_conv_silu (the same sums, one pass)."""
 
     def __init__(self, n, width=4):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n, 1, width).uniform_(-width**-0.5, width**-0.5))
 
-    def forward(self, x, cache=None):  # x [B,T,n], cache [B,width-1,n] or None (zeros)
+    def forward(self, x, cache=None):  # x [B,T,C], cache [B,width-1,C] or None (zeros)
         width = self.weight.shape[-1]
+        if cache is None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32):
+            import kernel  # only this path needs triton
+
+            last = F.pad(x[:, -(width - 1):], (0, 0, max(0, width - 1 - x.shape[1]), 0))  # [B,width-1,C]
+            return kernel.short_conv_silu(x, self.weight[:, 0]), last
         if cache is None:
             cache = x.new_zeros(x.shape[0], width - 1, x.shape[2])
-        xp = torch.cat([cache.to(x.dtype), x], dim=1)  # [B, width-1+T, n]
-        y = F.conv1d(xp.transpose(1, 2), self.weight.to(x.dtype), groups=x.shape[2])  # [B,n,T]
+        xp = torch.cat([cache.to(x.dtype), x], dim=1)  # [B, width-1+T, C]
+        y = F.conv1d(xp.transpose(1, 2), self.weight.to(x.dtype), groups=x.shape[2])  # [B,C,T]
         return F.silu(y.transpose(1, 2)), xp[:, -(width - 1):]
 
 
-
+def l2_normalize(x, weight):
+    """x / ||x|| over the last dim (size d): an RMSNorm with a constant weight d^-1/2, one fused
+    kernel each way, computed in float32 and returned in x's dtype (also under autocast)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps=1e-12)
 
 
 def _gate(lin, x):
@@ -449,33 +459,31 @@ def _gate(lin, x):
 
 class TrellisMixer(nn.Module):
     """x -> (q, k, v, alpha, beta, gamma) -> two-pass Trellis operator -> gated output.
-    state (generation): memories K, V [B,H,m,d] and the two short-conv caches."""
+    state (generation): memories K, V [B,H,m,d] and the short convolution's last inputs."""
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
         n, H, m = cfg.n_embd, cfg.n_head, cfg.slots
         d = n // H
-        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(n, n, bias=False) for _ in range(3))
-        self.q_conv = ShortConv(n) if cfg.short_conv else None
-        self.k_conv = ShortConv(n) if cfg.short_conv else None
-        self.alpha_proj = nn.Linear(n, H * m, bias=False)
-        self.beta_proj = nn.Linear(n, H)
-        self.gamma_proj = nn.Linear(n, H)
+        # one matrix for q, k, v, the output gate g and alpha: x is read (and cast) once
+        self.in_proj = nn.Linear(n, 4 * n + H * m, bias=False)
+        self.qk_conv = ShortConv(2 * n) if cfg.short_conv else None
+        self.gate_proj = nn.Linear(n, 2 * H)  # the logits of beta and gamma / gamma_max
         # learned initial memories: rows ~ N(0, 1/d) so that z = K0 k ~ N(0, 1) for unit k
         init = lambda: nn.Parameter(torch.randn(H, m, d) * d**-0.5)  # noqa: E731
         self.K0, self.V0 = (init(), init()) if cfg.learned_init_memory else (None, None)
+        self.register_buffer("inv_sqrt_d", torch.full((d,), d**-0.5), persistent=False)  # l2_normalize weight
         self.o_norm = RMSNorm(d)
-        self.g_proj = nn.Linear(n, n, bias=False)
         self.o_proj = nn.Linear(n, n, bias=False)
 
     def init_gates(self):
         """Set after the generic init: beta and gamma start at their configured values."""
         logit = lambda p: math.log(p / (1 - p))  # noqa: E731
-        nn.init.zeros_(self.beta_proj.weight)
-        nn.init.constant_(self.beta_proj.bias, logit(self.cfg.beta_init))
-        nn.init.zeros_(self.gamma_proj.weight)
-        nn.init.constant_(self.gamma_proj.bias, logit(self.cfg.gamma_init / self.cfg.gamma_max))
+        H = self.cfg.n_head
+        nn.init.zeros_(self.gate_proj.weight)
+        nn.init.constant_(self.gate_proj.bias[:H], logit(self.cfg.beta_init))
+        nn.init.constant_(self.gate_proj.bias[H:], logit(self.cfg.gamma_init / self.cfg.gamma_max))
 
     def forward(self, x, state=None):
         cfg = self.cfg
@@ -483,18 +491,18 @@ class TrellisMixer(nn.Module):
         H, m = cfg.n_head, cfg.slots
         d = n // H
         state = state or {}
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B,T,n]
+        qk, v, g, alpha = self.in_proj(x).split([2 * n, n, n, H * m], dim=-1)  # [B,T,2n|n|n|H*m]
         new_state = {}
-        if self.q_conv is not None:
-            q, new_state["q_conv"] = self.q_conv(q, state.get("q_conv"))
-            k, new_state["k_conv"] = self.k_conv(k, state.get("k_conv"))
+        if self.qk_conv is not None:
+            qk, new_state["qk_conv"] = self.qk_conv(qk, state.get("qk_conv"))
         # L2-normalized per head: gamma ||w||^2 = gamma < 1 keeps every write a contraction
-        q = F.normalize(q.view(B, T, H, d), dim=-1)  # [B,T,H,d]
-        k = F.normalize(k.view(B, T, H, d), dim=-1)  # [B,T,H,d]
-        v = F.normalize(v.view(B, T, H, d), dim=-1)  # [B,T,H,d]
-        alpha = self.alpha_proj(x).view(B, T, H, m)  # [B,T,H,m]
-        beta = _gate(self.beta_proj, x) if cfg.forget_gate else x.new_ones(B, T, H, dtype=torch.float32)
-        gamma = self.cfg.gamma_max * _gate(self.gamma_proj, x)  # [B,T,H]
+        q, k = l2_normalize(qk.reshape(B, T, 2, H, d), self.inv_sqrt_d).unbind(2)  # 2 x [B,T,H,d]
+        v = l2_normalize(v.reshape(B, T, H, d), self.inv_sqrt_d)  # [B,T,H,d]
+        alpha = alpha.reshape(B, T, H, m)  # [B,T,H,m]
+        beta, gamma = _gate(self.gate_proj, x).view(B, T, 2, H).unbind(2)  # 2 x [B,T,H]
+        if not cfg.forget_gate:
+            beta = torch.ones_like(beta)
+        gamma = cfg.gamma_max * gamma
         if "K" in state:
             K0, V0 = state["K"], state["V"]
         elif self.K0 is not None:
@@ -508,7 +516,7 @@ class TrellisMixer(nn.Module):
         o, new_state["K"], new_state["V"] = trellis_op(q, k, v, alpha, beta, gamma, K0, V0, phi=cfg.phi, f=cfg.f,
                                                        chunk_size=C, sweeps=sweeps, phi_eps=cfg.phi_eps,
                                                        f_eps=cfg.f_eps, impl=impl)
-        y = self.o_norm(o).reshape(B, T, n) * F.silu(self.g_proj(x))  # [B,T,H,d] -> [B,T,n]
+        y = self.o_norm(o).reshape(B, T, n) * F.silu(g)  # [B,T,H,d] -> [B,T,n]
         return self.o_proj(y), new_state
 
 
