@@ -50,7 +50,11 @@ Legend: kernel names -> trellis.py's symbols (one head, one chunk of C rows)
     C0, NCS              a run of chunks: its first chunk and its length (the backward in runs)
     EVEN                 d_k = d_v and m equal their power-of-two blocks: sizes compiled in
 
+The layer's short convolution (causal depthwise conv + SiLU, and each head's unit norm for q and
+k) has a pass each way of its own, in the section before the check: short_conv_silu.
+
     python kernel.py                  # GPU: check against the PyTorch forms, then the benchmark table
+    python kernel.py --short-conv     # GPU: the short convolution against its PyTorch form
     python kernel.py --device cpu     # CPU: the PyTorch loop vs chunked table
 """
 
@@ -855,9 +859,11 @@ def trellis_op_triton(q, k, v, alpha, beta, gamma, K0=None, V0=None, *, phi, f, 
 
 
 # -----------------------------------------------------------------------------
-# the layer's short convolution: y = silu(causal depthwise conv of x over time, width W), in one
-# pass each way (PyTorch's depthwise conv1d takes a transpose copy each way and a slow weight
-# gradient; trellis.ShortConv is the reference and uses this on CUDA)
+# the layer's short convolution: y = silu(causal depthwise conv of x over time, width W), and,
+# for q and k, each head's d channels scaled to unit L2 norm, y / sqrt(||y||^2 + d 1e-12) (as
+# trellis.l2_normalize), in one pass each way. PyTorch's depthwise conv1d copies a transpose each
+# way and computes its weight gradient slowly; trellis.ShortConv is the reference and uses this
+# on CUDA.
 
 
 @triton.jit
@@ -874,29 +880,40 @@ def _conv_pre(x, w, t, tm0, T, oc, cm, s_t, j0: tl.constexpr, W: tl.constexpr, B
 
 
 @triton.jit
-def _short_conv_fwd_kernel(x, w, y, T, CH, s_b, s_t, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """Grid (T blocks, channel blocks, B). x [B,T,CH] with row stride s_t (channels contiguous),
-    w [CH, W] fp32; y [B,T,CH] contiguous in x's dtype."""
+def _conv_block(pg, G, CH, BC: tl.constexpr):
+    """Channel group pg (G channels: a head when normalizing) in a block of BC >= G lanes."""
+    oc = pg * G + tl.arange(0, BC)
+    return oc, (tl.arange(0, BC) < G) & (oc < CH)
+
+
+@triton.jit
+def _short_conv_fwd_kernel(x, w, y, T, CH, G, s_b, s_t, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                           NORM: tl.constexpr):
+    """Grid (T blocks, channel groups, B). x [B,T,CH] with row stride s_t (channels contiguous),
+    w [CH, W] fp32; y [B,T,CH] contiguous in x's dtype. NORM: each group of G channels at unit norm."""
     t = tl.program_id(0) * BT + tl.arange(0, BT)
-    oc = tl.program_id(1) * BC + tl.arange(0, BC)
+    oc, cm = _conv_block(tl.program_id(1), G, CH, BC)
     bi = tl.program_id(2)
-    tm, cm = t < T, oc < CH
+    tm = t < T
     z = _conv_pre(x + bi * s_b, w, t, tm, T, oc, cm, s_t, 0, W, BT, BC)
     out = z * tl.sigmoid(z)
+    if NORM:
+        out = out / tl.sqrt(tl.sum(out * out, 1) + G * 1e-12)[:, None]
     tl.store(y + bi * T * CH + t[:, None] * CH + oc[None, :], out.to(y.dtype.element_ty),
              mask=tm[:, None] & cm[None, :])
 
 
 @triton.jit
-def _short_conv_bwd_kernel(x, w, dy, dx, dwp, T, CH, s_b, s_t, W: tl.constexpr, BT: tl.constexpr,
-                           BC: tl.constexpr):
-    """Grid as the forward; dy, dx [B,T,CH] contiguous. dz_t = dy_t silu'(z_t) (z recomputed),
+def _short_conv_bwd_kernel(x, w, dy, dx, dwp, T, CH, G, s_b, s_t, W: tl.constexpr, BT: tl.constexpr,
+                           BC: tl.constexpr, NORM: tl.constexpr):
+    """Grid as the forward; dy, dx [B,T,CH] contiguous. With s = silu(z) (z recomputed) and, NORM,
+    n = s / |s|: ds = (dy - n (n . dy)) / |s| (else dy), dz = ds silu'(z),
     dx_r = sum_j w_j dz_{r + W - 1 - j}, and this block's share of dw_j = sum_t dz_t x_{t - W + 1 + j},
     stored in dwp [B * T blocks, CH, W] (summed in PyTorch: no atomics, a fixed order)."""
-    pt, pc, bi = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pt, bi = tl.program_id(0), tl.program_id(2)
     t = pt * BT + tl.arange(0, BT)
-    oc = pc * BC + tl.arange(0, BC)
-    tm, cm = t < T, oc < CH
+    oc, cm = _conv_block(tl.program_id(1), G, CH, BC)
+    tm = t < T
     xb, dyb = x + bi * s_b, dy + bi * T * CH
     acc = tl.zeros([BT, BC], dtype=tl.float32)
     for s in tl.static_range(W):  # dz at rows t + s feeds dx_t through tap W - 1 - s
@@ -904,8 +921,16 @@ def _short_conv_bwd_kernel(x, w, dy, dx, dwp, T, CH, s_b, s_t, W: tl.constexpr, 
         rm = (r < T) & tm
         z = _conv_pre(xb, w, t, tm, T, oc, cm, s_t, s, W, BT, BC)
         sg = tl.sigmoid(z)
-        g = tl.load(dyb + r[:, None] * CH + oc[None, :], mask=rm[:, None] & cm[None, :], other=0.0)
-        dz = g.to(tl.float32) * sg * (1 + z * (1 - sg))
+        g = tl.load(dyb + r[:, None] * CH + oc[None, :], mask=rm[:, None] & cm[None, :], other=0.0).to(tl.float32)
+        if NORM:
+            a = z * sg
+            rn = 1.0 / tl.sqrt(tl.sum(a * a, 1) + G * 1e-12)
+            if G == 1:  # d/ds of s / sqrt(s^2 + 1e-12), without the projection's cancellation
+                g = g * (1e-12 * rn * rn * rn)[:, None]
+            else:
+                n = a * rn[:, None]
+                g = (g - n * tl.sum(n * g, 1)[:, None]) * rn[:, None]
+        dz = g * sg * (1 + z * (1 - sg))
         acc += dz * tl.load(w + oc * W + (W - 1 - s), mask=cm, other=0.0)[None, :]
         if s == 0:  # this block's rows: their share of dw
             for j in tl.static_range(W):
@@ -919,41 +944,42 @@ def _short_conv_bwd_kernel(x, w, dy, dx, dwp, T, CH, s_b, s_t, W: tl.constexpr, 
 
 
 class ShortConvFn(torch.autograd.Function):
-    """(x [B,T,CH], channels contiguous; weight [CH, W]) -> silu(causal depthwise conv) [B,T,CH]."""
+    """(x [B,T,CH], channels contiguous; weight [CH, W]; head) -> silu(causal depthwise conv)
+    [B,T,CH], each group of `head` channels at unit L2 norm unless head is None."""
 
-    BT, BC = 64, 64
+    BT = 64
 
     @staticmethod
-    def forward(ctx, x, weight):
+    def forward(ctx, x, weight, head):
         B, T, CH = x.shape
         w = weight.float().contiguous()
+        G = head or 64
+        kw = dict(W=w.shape[1], BT=ShortConvFn.BT, BC=_block(G), NORM=head is not None)
+        grid = (triton.cdiv(T, ShortConvFn.BT), triton.cdiv(CH, G), B)
         y = torch.empty(B, T, CH, dtype=x.dtype, device=x.device)
-        grid = (triton.cdiv(T, ShortConvFn.BT), triton.cdiv(CH, ShortConvFn.BC), B)
-        _short_conv_fwd_kernel[grid](x, w, y, T, CH, x.stride(0), x.stride(1), W=w.shape[1],
-                                     BT=ShortConvFn.BT, BC=ShortConvFn.BC)
+        _short_conv_fwd_kernel[grid](x, w, y, T, CH, G, x.stride(0), x.stride(1), **kw)
         ctx.save_for_backward(x, w)
-        ctx.weight_dtype = weight.dtype
+        ctx.weight_dtype, ctx.grid, ctx.G, ctx.kw = weight.dtype, grid, G, kw
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
         B, T, CH = x.shape
-        dy = dy.contiguous()
-        grid = (triton.cdiv(T, ShortConvFn.BT), triton.cdiv(CH, ShortConvFn.BC), B)
         dx = torch.empty(B, T, CH, dtype=x.dtype, device=x.device)
-        dwp = torch.empty(B * grid[0], CH, w.shape[1], dtype=torch.float32, device=x.device)
-        _short_conv_bwd_kernel[grid](x, w, dy, dx, dwp, T, CH, x.stride(0), x.stride(1), W=w.shape[1],
-                                     BT=ShortConvFn.BT, BC=ShortConvFn.BC)
-        return dx, dwp.sum(0).to(ctx.weight_dtype)
+        dwp = torch.empty(B * ctx.grid[0], CH, w.shape[1], dtype=torch.float32, device=x.device)
+        _short_conv_bwd_kernel[ctx.grid](x, w, dy.contiguous(), dx, dwp, T, CH, ctx.G, x.stride(0), x.stride(1),
+                                         **ctx.kw)
+        return dx, dwp.sum(0).to(ctx.weight_dtype), None
 
 
-def short_conv_silu(x, weight):
-    """silu(causal depthwise conv1d(x, weight)) over time: x [B,T,CH] (any strides with the
+def short_conv_silu(x, weight, head=None):
+    """silu(causal depthwise conv1d(x, weight)) over time, each group of `head` channels (a head
+    of q or k) scaled to unit L2 norm unless head is None: x [B,T,CH] (any strides with the
     channels contiguous), weight [CH, W]; the result is [B,T,CH] in x's dtype."""
     if x.stride(-1) != 1:
         x = x.contiguous()
-    return ShortConvFn.apply(x, weight)
+    return ShortConvFn.apply(x, weight, head)
 
 
 # -----------------------------------------------------------------------------
@@ -1121,20 +1147,21 @@ def bench(device="cuda", Ts=(1024, 4096, 16384), pytorch_Ts=(1024, 4096, 16384),
     return rows
 
 
-def bench_short_conv(device="cuda", T=16384, tokens=32768, channels=512):
-    """fwd+bwd ms of the layer's short convolution + SiLU (q and k of the default model: 2 x 256
-    channels) at B*T = tokens in bf16: short_conv_silu against ShortConv's PyTorch form."""
+def bench_short_conv(device="cuda", T=16384, tokens=32768, channels=512, head=64):
+    """fwd+bwd ms of the layer's short convolution + SiLU + unit norm per head (q and k of the
+    default model: 2 x 256 channels, heads of 64) at B*T = tokens in bf16: short_conv_silu
+    against ShortConv's PyTorch form (conv1d, then trellis.l2_normalize)."""
     import trellis as tr
 
     B = tokens // T
     x = torch.randn(B, T, channels, device=device, dtype=torch.bfloat16, requires_grad=True)
     conv = tr.ShortConv(channels).to(device)
     dy = torch.randn_like(x)
-    kern = lambda: torch.autograd.grad(short_conv_silu(x, conv.weight[:, 0]), (x, conv.weight), dy)  # noqa: E731
+    kern = lambda: torch.autograd.grad(short_conv_silu(x, conv.weight[:, 0], head), (x, conv.weight), dy)  # noqa: E731
     zeros = torch.zeros_like(x[:, :3])  # a carried zero state: ShortConv's PyTorch form, the same sums
-    pt = lambda: torch.autograd.grad(conv(x, cache=zeros)[0], (x, conv.weight), dy)  # noqa: E731
-    print(f"short conv + SiLU, B={B} T={T} {channels} channels, bf16, fwd+bwd: kernel {_time(kern):.3f} ms, "
-          f"PyTorch conv1d {_time(pt):.3f} ms", flush=True)
+    pt = lambda: torch.autograd.grad(conv(x, cache=zeros, head=head)[0], (x, conv.weight), dy)  # noqa: E731
+    print(f"short conv + SiLU + unit norm per head, B={B} T={T} {channels} channels, bf16, fwd+bwd: "
+          f"kernel {_time(kern):.3f} ms, PyTorch {_time(pt):.3f} ms", flush=True)
 
 
 def profile(device="cuda", T=16384, tokens=32768, H=8, d=64, m=64, C=64):

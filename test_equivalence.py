@@ -694,15 +694,17 @@ def test_model_with_kernel_equals_chunked(sweeps, monkeypatch):
     assert_all_close(results[1], results[0], 1e-4, names)
 
 
-@given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 3), T=st.integers(1, 140), C=st.integers(1, 70),
-       gap=st.sampled_from([0, 3]))
-def test_kernel_short_conv_equals_conv1d(seed, B, T, C, gap):
-    """kernel.short_conv_silu (the layer's causal conv + SiLU on CUDA) equals ShortConv's
-    PyTorch form in float64: outputs and the gradients of x and of the weight, for T below and
-    across the kernel's 64-row blocks, channels across its 64-wide blocks, and x a view with
-    a row stride wider than its channels (a slice of the layer's projection)."""
+@given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 3), T=st.integers(1, 140), size=st.integers(1, 40),
+       groups=st.integers(1, 3), norm=st.booleans(), gap=st.sampled_from([0, 3]))
+def test_kernel_short_conv_equals_conv1d(seed, B, T, size, groups, norm, gap):
+    """kernel.short_conv_silu (the layer's causal conv + SiLU on CUDA, with or without each
+    head's unit L2 norm) equals ShortConv's PyTorch form in float64: outputs and the gradients
+    of x and of the weight, for T below and across the kernel's 64-row blocks, heads of any size
+    (padded to a power of two) or channels in blocks of 64, and x a view with a row stride wider
+    than its channels (a slice of the layer's projection)."""
     import kernel
 
+    C, head = groups * size, size if norm else None
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(B, T, C + gap, generator=g)
     w = torch.randn(C, 1, 4, generator=g)
@@ -710,11 +712,11 @@ def test_kernel_short_conv_equals_conv1d(seed, B, T, C, gap):
     conv = tr.ShortConv(C).double()
     conv.weight = torch.nn.Parameter(w.double())
     xd = base[..., :C].double().requires_grad_(True)
-    want = conv(xd)[0]
+    want = conv(xd, head=head)[0]
     gwant = torch.autograd.grad(want, (xd, conv.weight), cot.double())
     xb = base.to(KERNEL_DEVICE).requires_grad_(True)
     wk = w.to(KERNEL_DEVICE).requires_grad_(True)
-    got = kernel.short_conv_silu(xb[..., :C], wk[:, 0])
+    got = kernel.short_conv_silu(xb[..., :C], wk[:, 0], head)
     ggot = torch.autograd.grad(got, (xb, wk), cot.to(KERNEL_DEVICE))
     assert_all_close(as_reference([got, ggot[0][..., :C], ggot[1]]), [want] + list(gwant), 1e-5, ["y", "dx", "dw"])
     assert (ggot[0][..., C:] == 0).all()

@@ -408,7 +408,8 @@ class TrellisConfig:
 
 
 def rms_norm(x, weight, eps=1e-6):
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    # the weight in x's dtype: PyTorch fuses the norm only when the two match (bf16 o under autocast)
+    return F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps)
 
 
 class RMSNorm(nn.Module):
@@ -422,32 +423,38 @@ class RMSNorm(nn.Module):
 
 class ShortConv(nn.Module):
     """Causal depthwise convolution over time (width 4) and a SiLU, with a carried state of the
-    last width - 1 inputs, so prefill and one-token steps compute the same thing. On CUDA a
+    last width - 1 inputs, so prefill and one-token steps compute the same thing; with `head`,
+    each group of that many channels (a head of q or k) then scaled to unit L2 norm. On CUDA a
     sequence without a carried state takes kernel.short_conv_silu (the same sums, one pass)."""
 
     def __init__(self, n, width=4):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n, 1, width).uniform_(-width**-0.5, width**-0.5))
 
-    def forward(self, x, cache=None):  # x [B,T,C], cache [B,width-1,C] or None (zeros)
+    def forward(self, x, cache=None, head=None):  # x [B,T,C], cache [B,width-1,C] or None (zeros)
+        B, T, C = x.shape
         width = self.weight.shape[-1]
         if cache is None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32):
             import kernel  # only this path needs triton
 
-            last = F.pad(x[:, -(width - 1):], (0, 0, max(0, width - 1 - x.shape[1]), 0))  # [B,width-1,C]
-            return kernel.short_conv_silu(x, self.weight[:, 0]), last
+            last = F.pad(x[:, -(width - 1):], (0, 0, max(0, width - 1 - T), 0))  # [B,width-1,C]
+            return kernel.short_conv_silu(x, self.weight[:, 0], head), last
         if cache is None:
-            cache = x.new_zeros(x.shape[0], width - 1, x.shape[2])
+            cache = x.new_zeros(B, width - 1, C)
         xp = torch.cat([cache.to(x.dtype), x], dim=1)  # [B, width-1+T, C]
-        y = F.conv1d(xp.transpose(1, 2), self.weight.to(x.dtype), groups=x.shape[2])  # [B,C,T]
-        return F.silu(y.transpose(1, 2)), xp[:, -(width - 1):]
+        y = F.silu(F.conv1d(xp.transpose(1, 2), self.weight.to(x.dtype), groups=C).transpose(1, 2))  # [B,T,C]
+        if head is not None:
+            y = l2_normalize(y.reshape(B, T, C // head, head)).reshape(B, T, C)
+        return y, xp[:, -(width - 1):]
 
 
-def l2_normalize(x, weight):
-    """x / ||x|| over the last dim (size d): an RMSNorm with a constant weight d^-1/2, one fused
-    kernel each way, computed in float32 and returned in x's dtype (also under autocast)."""
+def l2_normalize(x):
+    """x / sqrt(||x||^2 + d 1e-12) over the last dim (size d): PyTorch's fused RMSNorm with the
+    constant weight d^-1/2, one kernel each way, in float32, returned in x's dtype (also under
+    autocast)."""
+    d = x.shape[-1]
     with torch.autocast(x.device.type, enabled=False):
-        return F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps=1e-12)
+        return F.rms_norm(x, (d,), torch.full((d,), d**-0.5, dtype=x.dtype, device=x.device), eps=1e-12)
 
 
 def _gate(lin, x):
@@ -473,7 +480,6 @@ class TrellisMixer(nn.Module):
         # learned initial memories: rows ~ N(0, 1/d) so that z = K0 k ~ N(0, 1) for unit k
         init = lambda: nn.Parameter(torch.randn(H, m, d) * d**-0.5)  # noqa: E731
         self.K0, self.V0 = (init(), init()) if cfg.learned_init_memory else (None, None)
-        self.register_buffer("inv_sqrt_d", torch.full((d,), d**-0.5), persistent=False)  # l2_normalize weight
         self.o_norm = RMSNorm(d)
         self.o_proj = nn.Linear(n, n, bias=False)
 
@@ -493,11 +499,13 @@ class TrellisMixer(nn.Module):
         state = state or {}
         qk, v, g, alpha = self.in_proj(x).split([2 * n, n, n, H * m], dim=-1)  # [B,T,2n|n|n|H*m]
         new_state = {}
+        # q, k, v L2-normalized per head: gamma ||w||^2 = gamma < 1 keeps every write a contraction
         if self.qk_conv is not None:
-            qk, new_state["qk_conv"] = self.qk_conv(qk, state.get("qk_conv"))
-        # L2-normalized per head: gamma ||w||^2 = gamma < 1 keeps every write a contraction
-        q, k = l2_normalize(qk.reshape(B, T, 2, H, d), self.inv_sqrt_d).unbind(2)  # 2 x [B,T,H,d]
-        v = l2_normalize(v.reshape(B, T, H, d), self.inv_sqrt_d)  # [B,T,H,d]
+            qk, new_state["qk_conv"] = self.qk_conv(qk, state.get("qk_conv"), head=d)
+        else:
+            qk = l2_normalize(qk.reshape(B, T, 2 * H, d))
+        q, k = qk.reshape(B, T, 2, H, d).unbind(2)  # 2 x [B,T,H,d]
+        v = l2_normalize(v.reshape(B, T, H, d))  # [B,T,H,d]
         alpha = alpha.reshape(B, T, H, m)  # [B,T,H,m]
         beta, gamma = _gate(self.gate_proj, x).view(B, T, 2, H).unbind(2)  # 2 x [B,T,H]
         if not cfg.forget_gate:
