@@ -905,7 +905,7 @@ def _short_conv_fwd_kernel(x, w, y, T, CH, G, s_b, s_t, W: tl.constexpr, BT: tl.
 
 @triton.jit
 def _short_conv_bwd_kernel(x, w, dy, dx, dwp, T, CH, G, s_b, s_t, W: tl.constexpr, BT: tl.constexpr,
-                           BC: tl.constexpr, NORM: tl.constexpr):
+                           BC: tl.constexpr, NORM: tl.constexpr, ONE: tl.constexpr):
     """Grid as the forward; dy, dx [B,T,CH] contiguous. With s = silu(z) (z recomputed) and, NORM,
     n = s / |s|: ds = (dy - n (n . dy)) / |s| (else dy), dz = ds silu'(z),
     dx_r = sum_j w_j dz_{r + W - 1 - j}, and this block's share of dw_j = sum_t dz_t x_{t - W + 1 + j},
@@ -925,7 +925,7 @@ def _short_conv_bwd_kernel(x, w, dy, dx, dwp, T, CH, G, s_b, s_t, W: tl.constexp
         if NORM:
             a = z * sg
             rn = 1.0 / tl.sqrt(tl.sum(a * a, 1) + G * 1e-12)
-            if G == 1:  # d/ds of s / sqrt(s^2 + 1e-12), without the projection's cancellation
+            if ONE:  # one-channel heads: d/ds of s / sqrt(s^2 + 1e-12), without the projection's cancellation
                 g = g * (1e-12 * rn * rn * rn)[:, None]
             else:
                 n = a * rn[:, None]
@@ -959,7 +959,7 @@ class ShortConvFn(torch.autograd.Function):
         y = torch.empty(B, T, CH, dtype=x.dtype, device=x.device)
         _short_conv_fwd_kernel[grid](x, w, y, T, CH, G, x.stride(0), x.stride(1), **kw)
         ctx.save_for_backward(x, w)
-        ctx.weight_dtype, ctx.grid, ctx.G, ctx.kw = weight.dtype, grid, G, kw
+        ctx.weight_dtype, ctx.grid, ctx.G, ctx.kw = weight.dtype, grid, G, dict(kw, ONE=head == 1)
         return y
 
     @staticmethod
