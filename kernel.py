@@ -11,15 +11,18 @@ chunks in parallel from the stored chunk-start memories (trellis.py, sections 3 
 
     forward   _state_fwd_kernel   grid (B*H, 2 passes), chunks in order:
                                   Z = W S^T, U = gamma code(Z, A), S <- e^{b_c} S - (U . to_end)^T W
+                                  (and, for a backward in one run, the code's row statistics)
               _read_fwd_kernel    grid (chunks, B*H):
                                   Yhat = e^b q K^T - ((q k^T) . Gam) Uk,  R = f(Yhat),
                                   O = e^b R V - ((R Uv^T) . Gam) v
     backward  _read_bwd_value_kernel, _read_bwd_key_kernel   grid (chunks, B*H): the reads' gradients
+              _code_prep_kernel   grid (chunks, B*H, 2 passes), in long sequences: the code's terms
+                                  that do not need dS (_code_lin), every chunk of a run in parallel
               _state_bwd_kernel   grid (B*H, 2 passes), chunks in reverse carrying dS = dLoss/dS:
                                   through the codes (including z's dependence on S) and the updates;
                                   stores dZ and dS at each chunk's start. In long sequences the backward
                                   takes the chunks in runs, last run first, so that this kernel
-                                  walks one run while the read kernels differentiate the next
+                                  walks one run while the read and prep kernels work on the next
               _state_grads_kernel grid (chunks, B*H, 2 passes): from those, dW and d log beta of
                                   the state updates, every chunk in parallel
 
@@ -31,6 +34,8 @@ Legend: kernel names -> trellis.py's symbols (one head, one chunk of C rows)
     SK, SV               each chunk's start memory  [B, H, NC, m, d] (stored by the forward)
     UK, UV               U = Ubar of each pass      [B, T, H, m]
     YK                   yhat, the key pass's read  [B, T, H, m]
+    NK, NV               the code's row statistics  [B, T, H, 4] (mu, rsd, mean(e), mean(e y); one run)
+    PT, PR               the code's terms of a run  [2 passes, B*H, chunks, 4, C, m | C] (runs)
     d<name>              the gradient of the loss w.r.t. <name>; dSK, dSV: the reads' share per chunk,
                          then (_state_bwd_kernel, chunks 1 ..) the gradient w.r.t. the chunk's start state;
                          dUK, dUV: the reads' dŪ, then dZ
@@ -48,6 +53,7 @@ Legend: kernel names -> trellis.py's symbols (one head, one chunk of C rows)
     mm, tm               masks: real slots (m may be padded to a power of 2), real times (T % C)
   launch constants
     C0, NCS              a run of chunks: its first chunk and its length (the backward in runs)
+    STATS, PREP          the forward stores the row statistics / the walk reads _code_prep_kernel's terms
     EVEN                 d_k = d_v and m equal their power-of-two blocks: sizes compiled in
 
 The layer's short convolution (causal depthwise conv + SiLU, and each head's unit norm for q and
@@ -110,48 +116,74 @@ def _silu_parts(z):
 
 @triton.jit
 def _norm_stats(s, mm, M, EPS: tl.constexpr):
-    """LayerNorm over the real slots: (y, 1 / sd) with y zero on padded slots (one division a
-    row, a product a slot)."""
+    """LayerNorm over the real slots: (y, 1 / sd, mean) with y zero on padded slots (one division
+    a row, a product a slot)."""
     s = tl.where(mm, s, 0.0)
     mu = tl.sum(s, 1) / M
     c = tl.where(mm, s - mu[:, None], 0.0)
     rsd = 1.0 / tl.sqrt(tl.sum(c * c, 1) / M + EPS)
-    return c * rsd[:, None], rsd
+    return c * rsd[:, None], rsd, mu
 
 
 @triton.jit
-def _code_lin(z, a, mm, M, PHI: tl.constexpr, EPS: tl.constexpr):
+def _code_stats(z, a, mm, M, EPS: tl.constexpr):
+    """Normalized SiLU's code u = J_phi(z)ᵀ (phi(z) - a) with its row statistics: the LayerNorm's
+    mean mu and 1 / sd rsd, and of e = y - a (y the normalized row) mean(e) and mean(e y). The
+    forward walk stores the statistics, so that the backward walk rebuilds the code's terms slot
+    by slot (_code_terms), without the six row sums."""
+    s, s1, _ = _silu_parts(z)
+    y, rsd, mu = _norm_stats(s, mm, M, EPS)
+    e = tl.where(mm, y - a, 0.0)
+    me, ey = tl.sum(e, 1) / M, tl.sum(e * y, 1) / M
+    u = s1 * (e - me[:, None] - y * ey[:, None]) * rsd[:, None]  # s1 ⊙ J_y e (J_y is symmetric)
+    return tl.where(mm, u, 0.0), mu, rsd, me, ey
+
+
+@triton.jit
+def _code_terms(z, a, mu, rsd, me, ey, mm, PHI: tl.constexpr, EPS: tl.constexpr):
     """u = J_phi(z)ᵀ (phi(z) - a), and what its vector-Jacobian product (_code_vjp) needs that
-    does not depend on the incoming gradient: tiles k1, s1, y and, per row, rsd, c0, c1, c2.
-    The sequential backward computes these off its critical path, before the chunk's dŪ is known."""
+    does not depend on the incoming gradient: tiles k1, s1, y and, per row, rsd, c0, c1, c2; for
+    normalized SiLU from the row statistics of _code_stats (unused otherwise), with
+    mean(y) = 0 and mean(y²) = var rsd² = 1 - eps rsd²: slot by slot."""
     if PHI == 0:
         u = z - a
-        row = tl.sum(z, 1)  # placeholders, unused (and compiled away)
-        k1, s1, y, rsd, c0, c1, c2 = u, u, u, row, row, row, row
+        k1, s1, y, c0, c1, c2 = u, u, u, rsd, rsd, rsd  # placeholders, unused (and compiled away)
     elif PHI == 1:
         s, s1, s2 = _silu_parts(z)
         u = s1 * (s - a)
         k1 = s2 * (s - a) + s1 * s1  # du/dz, slot by slot
-        row = tl.sum(z, 1)  # placeholders, unused (and compiled away)
-        y, rsd, c0, c1, c2 = u, row, row, row, row
+        y, c0, c1, c2 = u, rsd, rsd, rsd  # placeholders, unused (and compiled away)
     else:
         s, s1, s2 = _silu_parts(z)
-        y, rsd = _norm_stats(s, mm, M, EPS)
+        y = tl.where(mm, s - mu[:, None], 0.0) * rsd[:, None]
         e = tl.where(mm, y - a, 0.0)
-        me, ey = tl.sum(e, 1) / M, tl.sum(e * y, 1) / M
         h = (e - me[:, None] - y * ey[:, None]) * rsd[:, None]  # J_y e (J_y is symmetric)
         u = s1 * h
         c0 = 1 - ey
-        c1 = 2 * c0 + 1 - tl.sum(y * y, 1) / M
-        c2 = tl.sum(y, 1) / M + me
+        c1 = 2 * c0 + EPS * rsd * rsd  # 2 c0 + 1 - mean(y²)
+        c2 = me
         k1 = h * s2 + ((rsd * rsd * c0)[:, None] * s1) * s1
     return tl.where(mm, u, 0.0), k1, s1, y, rsd, c0, c1, c2
 
 
 @triton.jit
+def _code_lin(z, a, mm, M, PHI: tl.constexpr, EPS: tl.constexpr):
+    """_code_terms at (z, a) with their row statistics computed here."""
+    if PHI == 2:
+        _, mu, rsd, me, ey = _code_stats(z, a, mm, M, EPS)
+    else:
+        mu = tl.sum(z, 1)  # placeholders, unused (and compiled away)
+        rsd, me, ey = mu, mu, mu
+    return _code_terms(z, a, mu, rsd, me, ey, mm, PHI, EPS)
+
+
+@triton.jit
 def _code_fwd(z, a, mm, M, PHI: tl.constexpr, EPS: tl.constexpr):
     """u = J_phi(z)ᵀ (phi(z) - a)."""
-    u, _, _, _, _, _, _, _ = _code_lin(z, a, mm, M, PHI, EPS)
+    if PHI == 2:
+        u, _, _, _, _ = _code_stats(z, a, mm, M, EPS)
+    else:
+        u, _, _, _, _, _, _, _ = _code_lin(z, a, mm, M, PHI, EPS)
     return u
 
 
@@ -189,7 +221,7 @@ def _f_fwd(yh, mm, M, F: tl.constexpr, EPS: tl.constexpr):
     """r = f(yhat): LayerNorm(SiLU) (F = 0) or SiLU / ||SiLU|| (F = 1)."""
     s, _, _ = _silu_parts(yh)
     if F == 0:
-        r, _ = _norm_stats(s, mm, M, EPS)
+        r, _, _ = _norm_stats(s, mm, M, EPS)
     else:
         s = tl.where(mm, s, 0.0)
         r = s * (1.0 / tl.sqrt(tl.sum(s * s, 1) + 1e-6))[:, None]
@@ -202,7 +234,7 @@ def _f_bwd(yh, dr, mm, M, F: tl.constexpr, EPS: tl.constexpr):
     s, s1, _ = _silu_parts(yh)
     dr = tl.where(mm, dr, 0.0)
     if F == 0:
-        y, rsd = _norm_stats(s, mm, M, EPS)
+        y, rsd, _ = _norm_stats(s, mm, M, EPS)
         ds = (dr - (tl.sum(dr, 1) / M)[:, None] - y * (tl.sum(dr * y, 1) / M)[:, None]) * rsd[:, None]
     else:
         s = tl.where(mm, s, 0.0)
@@ -376,20 +408,22 @@ def _exact_codes_bwd(Z, L, a, g, dU, mm, M, PHI: tl.constexpr, EPS: tl.constexpr
 
 
 @triton.jit
-def _state_fwd_kernel(k, v, al, LB, GM, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC,
+def _state_fwd_kernel(k, v, al, LB, GM, K0, V0, SK, SV, UK, UV, NK, NV, KT, VT, T, H, NC,
                       DK, DV, M, BD: tl.constexpr, BM: tl.constexpr,
                       C: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
-                      EXACT: tl.constexpr, EVEN: tl.constexpr):
+                      EXACT: tl.constexpr, STATS: tl.constexpr, EVEN: tl.constexpr):
     """Grid (B*H, 2 passes). Per chunk: Z = W Sᵀ (EXACT: the per-token z, _exact_codes_fwd),
     U = γ code(Z, α), S <- e^{b_C} S - (U ⊙ to_end)ᵀ W.
-    Stores each chunk's start state [B,H,NC,m,d] and U [B,T,H,m] for the parallel kernels."""
+    Stores each chunk's start state [B,H,NC,m,d] and U [B,T,H,m] for the parallel kernels, and
+    (STATS: normalized SiLU, the chunk-start rule, a backward without _code_prep_kernel) the
+    code's row statistics [B,T,H,4] for the backward walk (_code_stats)."""
     if EVEN:  # every size equals its block: strides, masks and divisors are known when compiling
         DK, DV, M = BD, BD, BM
     pid = tl.program_id(0)
     if tl.program_id(1) == 0:  # key pass: write vectors k, memory K
-        W, S0, SS, UU, ST, D = k, K0, SK, UK, KT, DK
+        W, S0, SS, UU, NS, ST, D = k, K0, SK, UK, NK, KT, DK
     else:  # value pass: write vectors v, memory V
-        W, S0, SS, UU, ST, D = v, V0, SV, UV, VT, DV
+        W, S0, SS, UU, NS, ST, D = v, V0, SV, UV, NV, VT, DV
     bi, h = pid // H, pid % H
     s_b, s_t = T * H, H  # contiguous [B,T,H,*]: row (b, t, h) starts at (b T H + t H + h) * width
     gb = bi * s_b + h  # gates [B,T,H]: (b, t, h) at gb + t * s_t
@@ -409,12 +443,21 @@ def _state_fwd_kernel(k, v, al, LB, GM, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC
         lb = tl.load(LB + gb + t * s_t, mask=tm, other=0.0)
         b, Gam, eb, b_c, to_end = _chunk_decays(lb, oc, C)
         Z = _dot(w, tl.trans(S), PREC)  # W Sᵀ
+        rows_m = row_m + t[:, None] * s_t * M + om[None, :]
+        mrow = tm[:, None] & mm
         if EXACT:
             b_prev, _, L = _exact_lower(w, b, lb, oc, PREC)
             U = _exact_codes_fwd(tl.exp(b_prev)[:, None] * Z, Z, L, a, g, mm, M, PHI, EPS, C, PREC)
+        elif STATS:
+            u, mu, rsd, me, ey = _code_stats(Z, a, mm, M, EPS)
+            j = tl.arange(0, 4)[None, :]  # one [C, 4] store, in the layout the statistics already have
+            rows = tl.where(j == 0, mu[:, None], tl.where(j == 1, rsd[:, None], tl.where(j == 2, me[:, None],
+                                                                                          ey[:, None])))
+            tl.store(NS + (gb + t * s_t)[:, None] * 4 + j, rows, mask=tm[:, None])
+            U = g[:, None] * u
         else:
             U = g[:, None] * _code_fwd(Z, a, mm, M, PHI, EPS)
-        tl.store(UU + row_m + t[:, None] * s_t * M + om[None, :], U, mask=tm[:, None] & mm)
+        tl.store(UU + rows_m, U, mask=mrow)
         S = tl.exp(b_c) * S - _dot(tl.trans(U * to_end[:, None]), w, PREC)
     tl.store(ST + pid * M * D + loc, S, mask=smask)
 
@@ -532,15 +575,54 @@ def _read_bwd_key_kernel(q, k, LB, SK, UK, dYK, dq, dk, dUK, dSK, dlb, T, H, NC,
 
 
 @triton.jit
-def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT, dVT, dalK, dalV,
+def _code_prep_kernel(k, v, al, SK, SV, PT, PR, T, H, NC, C0, NCS,
+                      DK, DV, M, BD: tl.constexpr, BM: tl.constexpr,
+                      C: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
+                      EVEN: tl.constexpr):
+    """Grid (chunks of a run, B*H, 2 passes), chunk C0 + program_id(0): the code's terms at the
+    chunk-start rule's Z = W Sᵀ that do not depend on the incoming gradient (_code_lin), for the
+    backward walk of that run. Stores tiles u, k1, s1, y [C, BM] into PT and rows rsd, c0, c1, c2
+    [C] into PR, both [2 passes, B*H, NCS, 4, ...]; the walk then only evaluates _code_vjp."""
+    if EVEN:
+        DK, DV, M = BD, BD, BM
+    j, pid = tl.program_id(0), tl.program_id(1)
+    ci = C0 + j
+    if tl.program_id(2) == 0:
+        W, SS, D = k, SK, DK
+    else:
+        W, SS, D = v, SV, DV
+    bi, h, s_b, s_t, gb, oc, t, tm = _chunk_rows(ci, pid, T, H, C)
+    od, om = tl.arange(0, BD), tl.arange(0, BM)
+    mm = (om < M)[None, :]
+    S, _, _ = _load_state(SS, pid * NC + ci, om, od, M, D)
+    row_w, row_m = bi * s_b * D + h * D, bi * s_b * M + h * M
+    w = _load_rows(W + row_w, t, tm, od, D, s_t * D)
+    a = _load_rows(al + row_m, t, tm, om, M, s_t * M).to(tl.float32)
+    u, k1, s1, y, rsd, c0, c1, c2 = _code_lin(_dot(w, tl.trans(S), PREC), a, mm, M, PHI, EPS)
+    base = ((tl.program_id(2) * tl.num_programs(1) + pid) * NCS + j) * 4
+    tile = oc[:, None] * BM + om[None, :]
+    tl.store(PT + base * C * BM + tile, u)
+    tl.store(PT + (base + 1) * C * BM + tile, k1)
+    tl.store(PT + (base + 2) * C * BM + tile, s1)
+    tl.store(PT + (base + 3) * C * BM + tile, y)
+    tl.store(PR + base * C + oc, rsd)
+    tl.store(PR + (base + 1) * C + oc, c0)
+    tl.store(PR + (base + 2) * C + oc, c1)
+    tl.store(PR + (base + 3) * C + oc, c2)
+
+
+@triton.jit
+def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, NK, NV, PT, PR, UK, UV, dUK, dUV, dSK, dSV, dKT, dVT, dalK, dalV,
                       dgmK, dgmV, dK0, dV0, T, H, NC, C0, NCS,
                       DK, DV, M, BD: tl.constexpr, BM: tl.constexpr,
                       C: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
-                      EXACT: tl.constexpr, EVEN: tl.constexpr):
+                      EXACT: tl.constexpr, PREP: tl.constexpr, EVEN: tl.constexpr):
     """Grid (B*H, 2 passes), chunks C0 + NCS - 1 down to C0 carrying dS = dL/d(state at the chunk's
     end), from dKT, dVT (the run's end) to dK0, dV0 (its start); only what the next dS needs:
     dS += dS_read of the next chunk (the reads of the chunk that starts from this end state),
     dU = dU_read - to_end ⊙ (W dSᵀ), (dZ, dα, dγ) through the code, dS <- e^{b_C} dS + dZᵀ W.
+    The code's terms at Z come from _code_prep_kernel (PREP), or are rebuilt slot by slot from
+    Z = W Sᵀ and the forward's row statistics (NK, NV; normalized SiLU), or, EXACT, solved again.
     Adding the next chunk's dS_read at the top, where a dot uses it, lets the compiler prefetch
     it with the chunk's other loads. It overwrites the next chunk's dS_read with that dS (the
     gradient w.r.t. the next chunk's start state) and dU_read with dZ, for _state_grads_kernel.
@@ -551,9 +633,9 @@ def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT,
         DK, DV, M = BD, BD, BM
     pid = tl.program_id(0)
     if tl.program_id(1) == 0:
-        W, SS, UU, dUU, dSR, dST, dal, dgm, dS0, D = k, SK, UK, dUK, dSK, dKT, dalK, dgmK, dK0, DK
+        W, SS, NS, UU, dUU, dSR, dST, dal, dgm, dS0, D = k, SK, NK, UK, dUK, dSK, dKT, dalK, dgmK, dK0, DK
     else:
-        W, SS, UU, dUU, dSR, dST, dal, dgm, dS0, D = v, SV, UV, dUV, dSV, dVT, dalV, dgmV, dV0, DV
+        W, SS, NS, UU, dUU, dSR, dST, dal, dgm, dS0, D = v, SV, NV, UV, dUV, dSV, dVT, dalV, dgmV, dV0, DV
     bi, h = pid // H, pid % H
     s_b, s_t = T * H, H
     gb = bi * s_b + h
@@ -567,7 +649,6 @@ def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT,
         ci = C0 + NCS - 1 - cj
         t = ci * C + oc
         tm = t < T
-        S = tl.load(SS + (pid * NC + ci) * M * D + loc, mask=smask, other=0.0)
         w = _load_rows(W + row_w, t, tm, od, D, s_t * D)
         a = _load_rows(al + row_m, t, tm, om, M, s_t * M).to(tl.float32)
         g = tl.load(GM + gb + t * s_t, mask=tm, other=0.0)
@@ -576,18 +657,34 @@ def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT,
         dS += tl.load(nxt, mask=smask & (ci + 1 < NC), other=0.0)
         tl.store(nxt, dS, mask=smask & (ci + 1 < NC))
         b, Gam, eb, b_c, to_end = _chunk_decays(lb, oc, C)
-        Z = _dot(w, tl.trans(S), PREC)  # W Sᵀ
         rows_m = row_m + t[:, None] * s_t * M + om[None, :]
         mrow = tm[:, None] & mm
         dU = tl.load(dUU + rows_m, mask=mrow, other=0.0) - to_end[:, None] * _dot(w, tl.trans(dS), PREC)
         if EXACT:
+            Z = _dot(w, tl.trans(tl.load(SS + (pid * NC + ci) * M * D + loc, mask=smask, other=0.0)), PREC)
             U = _load_rows(UU + row_m, t, tm, om, M, s_t * M)  # the forward's exact codes
             b_prev, _, L = _exact_lower(w, b, lb, oc, PREC)
             eb_prev = tl.exp(b_prev)
             dZ, da, dgv = _exact_codes_bwd(eb_prev[:, None] * Z - _dot(L, U, PREC), L, a, g, dU,
                                            mm, M, PHI, EPS, C, PREC)
+        elif PREP:  # the terms from _code_prep_kernel, chunk cj from the run's end
+            base = ((tl.program_id(1) * tl.num_programs(0) + pid) * NCS + NCS - 1 - cj) * 4
+            tile = oc[:, None] * BM + om[None, :]
+            u, k1 = tl.load(PT + base * C * BM + tile), tl.load(PT + (base + 1) * C * BM + tile)
+            s1, y = tl.load(PT + (base + 2) * C * BM + tile), tl.load(PT + (base + 3) * C * BM + tile)
+            rsd, c0 = tl.load(PR + base * C + oc), tl.load(PR + (base + 1) * C + oc)
+            c1, c2 = tl.load(PR + (base + 2) * C + oc), tl.load(PR + (base + 3) * C + oc)
+            dZ, da, dgv = _code_vjp(dU, g, u, k1, s1, y, a, rsd, c0, c1, c2, mm, M, PHI)
         else:
-            u, k1, s1, y, rsd, c0, c1, c2 = _code_lin(Z, a, mm, M, PHI, EPS)
+            Z = _dot(w, tl.trans(tl.load(SS + (pid * NC + ci) * M * D + loc, mask=smask, other=0.0)), PREC)
+            if PHI == 2:
+                rows = (gb + t * s_t) * 4
+                mu, rsd = tl.load(NS + rows, mask=tm, other=0.0), tl.load(NS + rows + 1, mask=tm, other=0.0)
+                me, ey = tl.load(NS + rows + 2, mask=tm, other=0.0), tl.load(NS + rows + 3, mask=tm, other=0.0)
+            else:
+                mu = g  # placeholders, unused (and compiled away)
+                rsd, me, ey = g, g, g
+            u, k1, s1, y, rsd, c0, c1, c2 = _code_terms(Z, a, mu, rsd, me, ey, mm, PHI, EPS)
             dZ, da, dgv = _code_vjp(dU, g, u, k1, s1, y, a, rsd, c0, c1, c2, mm, M, PHI)
         tl.store(dUU + rows_m, dZ, mask=mrow)
         tl.store(dal + rows_m, da, mask=mrow)
@@ -672,11 +769,12 @@ def _block(n):
 
 def _launch_config(DK, DV, M, C, phi, f, phi_eps, f_eps, exact, prec, num_warps):
     """Keyword arguments of the launches of the sequential (state) kernels, the parallel read
-    kernels and _state_grads_kernel. (warps, pipeline stages): the sequential kernels prefetch
-    the next chunk, unless an [m, d] memory tile holds over 8192 entries (m = d = 128, or m = 256):
-    the backward's prefetched fp32 tiles would then take 280-304 KB of shared memory; the parallel
-    ones have no loop to pipeline (shared_memory() reports each kernel's bytes). The sequential kernels evaluate phi's code, the read kernels f: each has
-    its own eps."""
+    kernels, _state_grads_kernel and _code_prep_kernel. (warps, pipeline stages): the sequential
+    kernels prefetch the next chunk, unless an [m, d] memory tile holds over 8192 entries
+    (m = d = 128, or m = 256): the backward's prefetched fp32 tiles would then take 280-304 KB of
+    shared memory; the parallel ones have no loop to pipeline (shared_memory() reports each
+    kernel's bytes). The sequential and prep kernels evaluate phi's code, the read kernels f: each
+    has its own eps."""
     even = DK == DV == _block(DK) and M == _block(M)  # no padding: sizes known when compiling
     dims = dict(DK=DK, DV=DV, M=M, BM=_block(M), C=C, PREC=prec, EVEN=even)
     BD = max(_block(DK), _block(DV))
@@ -684,7 +782,8 @@ def _launch_config(DK, DV, M, C, phi, f, phi_eps, f_eps, exact, prec, num_warps)
                num_warps=num_warps[0], num_stages=2 if _block(M) * BD <= 8192 else 1)
     par = dict(dims, BDK=_block(DK), BDV=_block(DV), F=_F_ID[f], EPS=f_eps, num_warps=num_warps[1], num_stages=1)
     grads = dict(dims, BD=seq["BD"], EXACT=exact, num_warps=num_warps[1], num_stages=1)
-    return seq, par, grads
+    prep = dict(dims, BD=BD, PHI=_PHI_ID[phi], EPS=phi_eps, num_warps=num_warps[1], num_stages=1)
+    return seq, par, grads, prep
 
 
 def _runs(NC, n):
@@ -726,17 +825,21 @@ class TrellisChunkFn(torch.autograd.Function):
         KT, VT = torch.empty_like(K0), torch.empty_like(V0)
         SK, SV = torch.empty(B, H, NC, M, DK, **f32), torch.empty(B, H, NC, M, DV, **f32)  # chunk-start states
         UK, UV = torch.empty(alpha.shape, **f32), torch.empty(alpha.shape, **f32)  # Ubar = γ code(Z, α)
-        seq, par, grads = _launch_config(DK, DV, M, C, phi, f, phi_eps, f_eps, exact, prec, num_warps)
-        _state_fwd_kernel[(B * H, 2)](k, v, alpha, log_beta, gamma, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC, **seq)
+        prepped = not exact and len(_runs(NC, runs)) > 1  # the backward runs _code_prep_kernel
+        stats = phi == "norm_silu" and not exact and not prepped
+        NK, NV = (torch.empty(B, T, H, 4 if stats else 0, **f32) for _ in range(2))  # the code's row statistics
+        seq, par, grads, prep = _launch_config(DK, DV, M, C, phi, f, phi_eps, f_eps, exact, prec, num_warps)
+        _state_fwd_kernel[(B * H, 2)](k, v, alpha, log_beta, gamma, K0, V0, SK, SV, UK, UV, NK, NV, KT, VT,
+                                      T, H, NC, STATS=NK.numel() > 0, **seq)
         YK = torch.empty(alpha.shape, **f32)  # the key pass's read yhat, kept for the backward
         _read_fwd_kernel[(NC, B * H)](q, k, v, log_beta, SK, SV, UK, UV, o, YK, T, H, NC, **par)
-        ctx.save_for_backward(q, k, v, alpha, log_beta, gamma, SK, SV, UK, UV, YK)
-        ctx.seq, ctx.par, ctx.grads, ctx.NC, ctx.runs = seq, par, grads, NC, runs
+        ctx.save_for_backward(q, k, v, alpha, log_beta, gamma, SK, SV, UK, UV, YK, NK, NV)
+        ctx.seq, ctx.par, ctx.grads, ctx.prep, ctx.NC, ctx.runs, ctx.prepped = seq, par, grads, prep, NC, runs, prepped
         return o, KT, VT
 
     @staticmethod
     def backward(ctx, do, dKT, dVT):
-        q, k, v, alpha, log_beta, gamma, SK, SV, UK, UV, YK = ctx.saved_tensors
+        q, k, v, alpha, log_beta, gamma, SK, SV, UK, UV, YK, NK, NV = ctx.saved_tensors
         B, T, H, DK = q.shape
         M, DV, NC = alpha.shape[-1], v.shape[-1], ctx.NC
         f32 = dict(dtype=torch.float32, device=q.device)
@@ -755,9 +858,15 @@ class TrellisChunkFn(torch.autograd.Function):
         spans = _runs(NC, ctx.runs)  # (first chunk, count) of each run
         dKs = [torch.empty_like(dKT) for _ in spans] + [dKT]  # dL/d(state) where runs meet; dKs[0] = dL/dK0
         dVs = [torch.empty_like(dVT) for _ in spans] + [dVT]
-        p = ctx.par
+        p, C = ctx.par, ctx.seq["C"]
         side = _side_stream(q.device) if q.is_cuda and len(spans) > 1 else None
         main = torch.cuda.current_stream(q.device) if side else None
+        # _code_prep_kernel's terms, two runs' worth: run r writes buffer r % 2 once the walk of run r + 2,
+        # which read it, is done
+        most = max(n for _, n in spans) if ctx.prepped else 0
+        PT = torch.empty(2, 2, B * H, most, 4, C, ctx.seq["BM"], **f32)
+        PR = torch.empty(2, 2, B * H, most, 4, C, **f32)
+        walked = {}
         for r in reversed(range(len(spans))):
             c0, n = spans[r]
             _read_bwd_value_kernel[(n, B * H)](v, log_beta, SV, UV, YK, do, dv, dUV, dSV, dYK, dlb_read, T, H, NC, c0,
@@ -766,12 +875,20 @@ class TrellisChunkFn(torch.autograd.Function):
             _read_bwd_key_kernel[(n, B * H)](q, k, log_beta, SK, UK, dYK, dq, dk, dUK, dSK, dlb_read, T, H, NC, c0,
                                              **{x: p[x] for x in ("DK", "M", "BDK", "BM", "C", "PREC", "EVEN",
                                                                   "num_warps", "num_stages")})
+            if ctx.prepped:
+                if r + 2 in walked:
+                    main.wait_event(walked[r + 2])
+                _code_prep_kernel[(n, B * H, 2)](k, v, alpha, SK, SV, PT[r % 2], PR[r % 2], T, H, NC, c0, n,
+                                                 **ctx.prep)
             if side:
                 side.wait_stream(main)  # this run's reads (and, the first time, every input)
             with torch.cuda.stream(side) if side else contextlib.nullcontext():
-                _state_bwd_kernel[(B * H, 2)](k, v, alpha, log_beta, gamma, SK, SV, UK, UV, dUK, dUV, dSK, dSV,
-                                              dKs[r + 1], dVs[r + 1], dalK, dalV, dgmK, dgmV, dKs[r], dVs[r],
-                                              T, H, NC, c0, n, **ctx.seq)
+                _state_bwd_kernel[(B * H, 2)](k, v, alpha, log_beta, gamma, SK, SV, NK, NV, PT[r % 2], PR[r % 2],
+                                              UK, UV, dUK, dUV, dSK, dSV, dKs[r + 1], dVs[r + 1], dalK, dalV, dgmK,
+                                              dgmV, dKs[r], dVs[r], T, H, NC, c0, n, PREP=ctx.prepped, **ctx.seq)
+            if side and ctx.prepped:
+                walked[r] = torch.cuda.Event()
+                walked[r].record(side)
         if side:
             main.wait_stream(side)
         # dUK, dUV now hold dZ and dSK, dSV (chunks 1 ..) the dS at each chunk's start
@@ -1017,7 +1134,9 @@ def _fwd_bwd(fn, ins, seed=1):
 
 def check(device="cuda"):
     """Max relative error (max |x - ref| / max |ref|) per tensor, kernel vs the float64
-    PyTorch chunked form on the same inputs."""
+    PyTorch chunked form on the same inputs. The backward takes its chunks in runs with
+    _code_prep_kernel wherever B*H*2 leaves half the SMs free (default_runs); "bf16 one run"
+    (B*H*2 = 128) walks them in one run from the forward's row statistics."""
     import trellis as tr
 
     eps = _model_eps()
@@ -1029,6 +1148,7 @@ def check(device="cuda"):
         ("fp32 ieee odd", torch.float32, "ieee", (3, 77, 2, 40, 24, 48, 32, "silu", "l2_silu", False)),
         ("fp32 ieee id", torch.float32, "ieee", (1, 1000, 2, 128, 128, 128, 16, "identity", "norm_silu", False)),
         ("bf16 tf32 1k", torch.bfloat16, "tf32", (4, 1024, 8, 64, 64, 64, 64, "norm_silu", "norm_silu", False)),
+        ("bf16 one run", torch.bfloat16, "tf32", (8, 300, 8, 64, 64, 64, 64, "norm_silu", "norm_silu", False)),
         ("exact fp32 ieee", torch.float32, "ieee", (2, 300, 4, 64, 64, 64, 64, "norm_silu", "norm_silu", True)),
         ("exact odd", torch.float32, "ieee", (3, 77, 2, 40, 24, 48, 32, "silu", "l2_silu", True)),
         ("exact bf16 tf32", torch.bfloat16, "tf32", (2, 300, 4, 64, 64, 64, 64, "norm_silu", "norm_silu", True)),
@@ -1203,11 +1323,15 @@ def shared_memory(C, m, d, phi="norm_silu", f="norm_silu", exact=False, num_warp
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    seq, par, grads = _launch_config(d, d, m, C, phi, f, 1.0, 1e-3, exact, "tf32",
-                                     num_warps or default_warps(m))  # eps size nothing
+    seq, par, grads, prep = _launch_config(d, d, m, C, phi, f, 1.0, 1e-3, exact, "tf32",
+                                           num_warps or default_warps(m))  # eps size nothing
     out = {}
-    for fn, launch in [(_state_fwd_kernel, seq), (_read_fwd_kernel, par), (_read_bwd_value_kernel, par),
-                       (_read_bwd_key_kernel, par), (_state_bwd_kernel, seq), (_state_grads_kernel, grads)]:
+    kernels = [(_state_fwd_kernel, dict(seq, STATS=not exact)), (_read_fwd_kernel, par),
+               (_read_bwd_value_kernel, par), (_read_bwd_key_kernel, par), (_state_bwd_kernel, dict(seq, PREP=False)),
+               (_state_grads_kernel, grads)]
+    if not exact:  # the backward in runs: the walk reads _code_prep_kernel's terms
+        kernels += [(_code_prep_kernel, prep), (_state_bwd_kernel, dict(seq, PREP=True))]
+    for fn, launch in kernels:
         warps, stages = launch["num_warps"], launch["num_stages"]
         consts = {k: v for k, v in launch.items() if k in fn.arg_names and k not in ("DK", "DV", "M")}
         ints = ("T", "H", "NC", "C0", "NCS", "DK", "DV", "M")
@@ -1217,7 +1341,8 @@ def shared_memory(C, m, d, phi="norm_silu", f="norm_silu", exact=False, num_warp
         src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 128),
                                   options=dict(num_warps=warps, num_stages=stages))
-        out[fn.__name__] = compiled.metadata.shared
+        name = fn.__name__ + (" (prep)" if launch.get("PREP") else "")
+        out[name] = compiled.metadata.shared
     return out
 
 
