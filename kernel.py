@@ -848,7 +848,6 @@ class TrellisChunkFn(torch.autograd.Function):
         dVT = torch.zeros(B, H, M, DV, **f32) if dVT is None else dVT.float().contiguous()
         dq = torch.empty_like(q)  # final after _read_bwd_key_kernel; dk, dv: the reads' shares, fp32
         dk, dv = torch.empty(k.shape, **f32), torch.empty(v.shape, **f32)
-        dkf, dvf = (dk, dv) if k.dtype == torch.float32 else (torch.empty_like(k), torch.empty_like(v))
         dUK, dUV = torch.empty(alpha.shape, **f32), torch.empty(alpha.shape, **f32)
         dSK, dSV = torch.empty_like(SK), torch.empty_like(SV)  # per chunk, the reads' dL/dS
         dlb_read = torch.empty_like(log_beta)
@@ -891,7 +890,10 @@ class TrellisChunkFn(torch.autograd.Function):
                 walked[r].record(side)
         if side:
             main.wait_stream(side)
-        # dUK, dUV now hold dZ and dSK, dSV (chunks 1 ..) the dS at each chunk's start
+        # dUK, dUV now hold dZ and dSK, dSV (chunks 1 ..) the dS at each chunk's start. The final
+        # gradients take the place of the buffers only the walks needed (peak memory)
+        del PT, PR, dYK
+        dkf, dvf = (dk, dv) if k.dtype == torch.float32 else (torch.empty_like(k), torch.empty_like(v))
         dal, dgm = torch.empty_like(alpha), torch.empty_like(gamma)
         _state_grads_kernel[(NC, B * H, 2)](k, v, log_beta, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT, dVT, dk, dv,
                                             dkf, dvf, dlbK, dlbV, dalK, dalV, dal, dgmK, dgmV, dgm, T, H, NC,
@@ -908,11 +910,12 @@ def default_warps(m):
 
 
 def default_runs(programs=None, sms=None):
-    """Runs of chunks in the backward (TrellisChunkFn): 8 when the sequential kernels' `programs`
+    """Runs of chunks in the backward (TrellisChunkFn): 4 when the sequential kernels' `programs`
     (B*H*2) leave at least half of the GPU's `sms` multiprocessors to the read kernels, as in long
-    sequences; else 1 (NOTES.md, section 3.2)."""
+    sequences; else 1. Each run costs the host four launches: at 8 runs the backward's time
+    followed the host's (NOTES.md, section 3.2)."""
     if programs is not None and sms is not None and 2 * programs <= sms:
-        return 8
+        return 4
     return 1
 
 
@@ -1132,11 +1135,12 @@ def _fwd_bwd(fn, ins, seed=1):
     return [o.detach() for o in outs] + list(grads)
 
 
-def check(device="cuda"):
+def check(device="cuda", only=None):
     """Max relative error (max |x - ref| / max |ref|) per tensor, kernel vs the float64
-    PyTorch chunked form on the same inputs. The backward takes its chunks in runs with
-    _code_prep_kernel wherever B*H*2 leaves half the SMs free (default_runs); "bf16 one run"
-    (B*H*2 = 128) walks them in one run from the forward's row statistics."""
+    PyTorch chunked form on the same inputs, for every case (or the labels in `only`). The
+    backward takes its chunks in runs with _code_prep_kernel wherever B*H*2 leaves half the SMs
+    free (default_runs); "bf16 one run" (B*H*2 = 128) walks them in one run from the forward's
+    row statistics."""
     import trellis as tr
 
     eps = _model_eps()
@@ -1158,6 +1162,8 @@ def check(device="cuda"):
     print(f"{'case':16s} " + " ".join(f"{n:>8s}" for n in names))
     worst = {}
     for label, dtype, prec, (B, T, H, dk, dv, m, C, phi, f, exact) in cases:
+        if only is not None and label not in only:
+            continue
         ins = _inputs(B, T, H, dk, dv, m, dtype, device)
         sw = C - 1 if exact else 0  # the reference for exact: C - 1 sweeps (= the per-token loop, tested)
         ref = _fwd_bwd(lambda *a: tr.trellis_op(*a, phi=phi, f=f, chunk_size=C, sweeps=sw, impl="chunked", **eps),
