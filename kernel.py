@@ -912,8 +912,8 @@ def default_warps(m):
 def default_runs(programs=None, sms=None):
     """Runs of chunks in the backward (TrellisChunkFn): 4 when the sequential kernels' `programs`
     (B*H*2) leave at least half of the GPU's `sms` multiprocessors to the read kernels, as in long
-    sequences; else 1. Each run costs the host four launches: at 8 runs the backward's time
-    followed the host's (NOTES.md, section 3.2)."""
+    sequences; else 1. Each run costs the host four launches: at T = 16384 the fwd+bwd held at
+    3.3 ms in 4 runs, scattered over 3.5-5.0 ms in 8 and doubled in 16 (NOTES.md, section 3.2)."""
     if programs is not None and sms is not None and 2 * programs <= sms:
         return 4
     return 1
@@ -1159,6 +1159,9 @@ def check(device="cuda", only=None):
         ("m 256 C16 ieee", torch.float32, "ieee", (2, 300, 2, 64, 64, 256, 16, "norm_silu", "norm_silu", False)),
         ("exact m 256 C16", torch.float32, "ieee", (2, 300, 2, 64, 64, 256, 16, "norm_silu", "norm_silu", True)),
     ]
+    unknown = set(only or ()) - {label for label, *_ in cases}
+    if unknown:
+        raise ValueError(f"check: no case named {sorted(unknown)}; the cases: {[label for label, *_ in cases]}")
     print(f"{'case':16s} " + " ".join(f"{n:>8s}" for n in names))
     worst = {}
     for label, dtype, prec, (B, T, H, dk, dv, m, C, phi, f, exact) in cases:

@@ -771,6 +771,14 @@ def test_kernel_default_warps():
     assert kernel.default_warps(200) == kernel.default_warps(256) == (8, 8)
 
 
+def test_kernel_check_refuses_unknown_case():
+    """kernel.check(only=...) names a label it does not have, and the labels it has, before any work."""
+    import kernel
+
+    with pytest.raises(ValueError, match=r"no case named \['nope'\].*'fp32 ieee'"):
+        kernel.check(device="cpu", only=["nope"])
+
+
 def test_kernel_default_runs():
     """The backward in 4 runs of chunks when its B*H*2 sequential programs leave at least half
     of the multiprocessors to the read kernels, else (or off the GPU) in one."""
