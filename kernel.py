@@ -1390,17 +1390,26 @@ if __name__ == "__main__":
     ap.add_argument("--fla", action="store_true", help="also time fla's chunk_gsa and delta rule (fla-core)")
     ap.add_argument("--short-conv", action="store_true", help="only time the layer's short convolution")
     a = ap.parse_args()
+    lengths = {}
+    for flag, text in (("--T", a.T), ("--pytorch-T", a.pytorch_T)):
+        try:
+            lengths[flag] = [int(t) for t in text.split(",") if t]
+        except ValueError:
+            ap.exit(2, f"kernel.py: {flag} takes comma-separated sequence lengths such as 1024,4096, got {text!r}\n")
+    if a.device != "cpu" and not torch.cuda.is_available():
+        ap.exit(2, f"kernel.py: --device {a.device} needs a CUDA GPU, and torch sees none; --device cpu times the "
+                   "PyTorch forms\n")
     if a.device == "cpu":
         cpu_table()
     else:
         props = torch.cuda.get_device_properties(0)
         print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}")
         if a.short_conv:
-            raise SystemExit(bench_short_conv(a.device))
-        if not a.skip_check:
-            check(a.device)
-        bench(a.device, Ts=[int(t) for t in a.T.split(",")], pytorch_Ts=[int(t) for t in a.pytorch_T.split(",") if t],
-              fla=a.fla)
-        if a.profile:
-            for T in (1024, 16384):
-                profile(a.device, T=T)
+            bench_short_conv(a.device)
+        else:
+            if not a.skip_check:
+                check(a.device)
+            bench(a.device, Ts=lengths["--T"], pytorch_Ts=lengths["--pytorch-T"], fla=a.fla)
+            if a.profile:
+                for T in (1024, 16384):
+                    profile(a.device, T=T)

@@ -779,6 +779,25 @@ def test_kernel_check_refuses_unknown_case():
         kernel.check(device="cpu", only=["nope"])
 
 
+@pytest.mark.parametrize("argv,msg", [
+    (["--T", "1k"], "--T takes comma-separated sequence lengths"),
+    (["--pytorch-T", "1024,x"], "--pytorch-T takes comma-separated sequence lengths"),
+    (["--device", "cuda"], "--device cuda needs a CUDA GPU"),
+])
+def test_kernel_cli_bad_input_is_one_line(argv, msg):
+    """python kernel.py with a bad length or, where torch sees no GPU (none made visible here),
+    --device cuda: exit code 2 and one line that says what is wrong, no traceback."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run([sys.executable, "kernel.py", *argv], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert run.returncode == 2
+    assert run.stderr.startswith("kernel.py: " + msg) and run.stderr.count("\n") == 1, run.stderr
+    assert run.stdout == ""
+
+
 def test_kernel_default_runs():
     """The backward in 4 runs of chunks when its B*H*2 sequential programs leave at least half
     of the multiprocessors to the read kernels, else (or off the GPU) in one."""
