@@ -771,7 +771,7 @@ def test_kernel_default_warps():
     assert kernel.default_warps(200) == kernel.default_warps(256) == (8, 8)
 
 
-def test_kernel_check_refuses_unknown_case():
+def test_check_refuses_an_unknown_case_label():
     """kernel.check(only=...) names a label it does not have, and the labels it has, before any work."""
     import kernel
 
@@ -784,7 +784,7 @@ def test_kernel_check_refuses_unknown_case():
     (["--pytorch-T", "1024,x"], "--pytorch-T takes comma-separated sequence lengths"),
     (["--device", "cuda"], "--device cuda needs a CUDA GPU"),
 ])
-def test_kernel_cli_bad_input_is_one_line(argv, msg):
+def test_benchmark_command_bad_input_is_one_line(argv, msg):
     """python kernel.py with a bad length or, where torch sees no GPU (none made visible here),
     --device cuda: exit code 2 and one line that says what is wrong, no traceback."""
     import subprocess
