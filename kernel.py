@@ -1159,9 +1159,10 @@ def check(device="cuda", only=None):
         ("m 256 C16 ieee", torch.float32, "ieee", (2, 300, 2, 64, 64, 256, 16, "norm_silu", "norm_silu", False)),
         ("exact m 256 C16", torch.float32, "ieee", (2, 300, 2, 64, 64, 256, 16, "norm_silu", "norm_silu", True)),
     ]
-    unknown = set(only or ()) - {label for label, *_ in cases}
+    labels = [label for label, *_ in cases]
+    unknown = set(only or ()) - set(labels)
     if unknown:
-        raise ValueError(f"check: no case named {sorted(unknown)}; the cases: {[label for label, *_ in cases]}")
+        raise ValueError(f"check: no case named {sorted(unknown)}; the cases: {labels}")
     print(f"{'case':16s} " + " ".join(f"{n:>8s}" for n in names))
     worst = {}
     for label, dtype, prec, (B, T, H, dk, dv, m, C, phi, f, exact) in cases:
