@@ -17,7 +17,8 @@ chunks in parallel from the stored chunk-start memories (trellis.py, sections 3 
                                   O = e^b R V - ((R Uv^T) . Gam) v
     backward  _read_bwd_value_kernel, _read_bwd_key_kernel   grid (chunks, B*H): the reads' gradients
               _code_prep_kernel   grid (chunks, B*H, 2 passes), in long sequences: the code's terms
-                                  that do not need dS (_code_lin), every chunk of a run in parallel
+                                  that do not need dS (_code_lin; the exact rule's at its solution,
+                                  and its L), every chunk of a run in parallel
               _state_bwd_kernel   grid (B*H, 2 passes), chunks in reverse carrying dS = dLoss/dS:
                                   through the codes (including z's dependence on S) and the updates;
                                   stores dZ and dS at each chunk's start. In long sequences the backward
@@ -36,6 +37,7 @@ Legend: kernel names -> trellis.py's symbols (one head, one chunk of C rows)
     YK                   yhat, the key pass's read  [B, T, H, m]
     NK, NV               the code's row statistics  [B, T, H, 4] (mu, rsd, mean(e), mean(e y); one run)
     PT, PR               the code's terms of a run  [2 passes, B*H, chunks, 4, C, m | C] (runs)
+    PL                   the exact rule's L of a run [2 passes, B*H, chunks, C, C] (runs)
     d<name>              the gradient of the loss w.r.t. <name>; dSK, dSV: the reads' share per chunk,
                          then (_state_bwd_kernel, chunks 1 ..) the gradient w.r.t. the chunk's start state;
                          dUK, dUV: the reads' dŪ, then dZ
@@ -340,23 +342,31 @@ def _chunk_decays(lb, offs_c, C: tl.constexpr):
 # (trellis.py, section 3), reached by sweeps that are matrix products. L is strictly lower
 # triangular, so sweep n leaves rows 0..n exact and C - 1 sweeps solve the system. The error
 # shrinks geometrically long before that, so the loop stops once a sweep moves no entry by more
-# than a tolerance times the largest one: 8 fp32 ulps (2^-21) with IEEE dots, and 2^-14 with
-# TF32 dots, whose operands are rounded to 2^-11 anyway. (Compiled for the GPU, the sweeps settle
-# on a change of about one ulp that never reaches zero, so a stop at exact stationarity would
-# always run all C - 1 sweeps: NOTES.md, section 3.2.) The backward solves the adjoint system
-# (upper triangular) the same way.
+# than a tolerance times the largest one: 8 fp32 ulps (2^-21) with IEEE dots, and 2^-11 with
+# TF32 dots: one rounding of a TF32 operand (10 stored mantissa bits), the resolution of the
+# sweeps' own products. (Compiled for the GPU, the sweeps settle on a change of about one ulp that
+# never reaches zero, so a stop at exact stationarity would always run all C - 1 sweeps: NOTES.md,
+# section 3.2.) The backward solves the adjoint system (upper triangular) the same way, sweeping
+# dZ alone with the code's terms at the forward's solution.
+
+
+@triton.jit
+def _max_pair(a, b, c, d):
+    """Two maxima in one reduction: one pass of shuffles and barriers instead of two."""
+    return tl.maximum(a, c), tl.maximum(b, d)
 
 
 @triton.jit
 def _moving(new, old, PREC: tl.constexpr):
     """Whether a sweep moved some entry by more than the tolerance times the largest |entry|:
-    2^-21 (8 fp32 ulps) for IEEE dots, 2^-14 for TF32 ones."""
-    size = tl.max(tl.max(tl.abs(new), 1), 0)
+    2^-21 (8 fp32 ulps) for IEEE dots, 2^-11 (a TF32 rounding) for TF32 ones."""
     if PREC == "ieee":
         tol = 4.76837158203125e-07
     else:
-        tol = 6.103515625e-05
-    return tl.max(tl.max(tl.abs(new - old), 1), 0) > size * tol
+        tol = 4.8828125e-04
+    change, size = tl.reduce((tl.abs(new - old), tl.abs(new)), 1, _max_pair)
+    change, size = tl.reduce((change, size), 0, _max_pair)
+    return change > size * tol
 
 
 @triton.jit
@@ -369,11 +379,11 @@ def _exact_lower(w, b, lb, oc, PREC: tl.constexpr):
 
 
 @triton.jit
-def _exact_codes_fwd(Z0, Z, L, a, g, mm, M, PHI: tl.constexpr, EPS: tl.constexpr, C: tl.constexpr,
+def _exact_codes_fwd(Z0, L, a, g, mm, M, PHI: tl.constexpr, EPS: tl.constexpr, C: tl.constexpr,
                      PREC: tl.constexpr):
-    """Ū of the exact rule: from the chunk-start codes Ū(Z), sweeps Ū <- γ code(Z0 - L Ū, α) until
-    Ū settles (_moving) or C - 1 sweeps are done."""
-    U = g[:, None] * _code_fwd(Z, a, mm, M, PHI, EPS)
+    """Ū of the exact rule: from the codes at Z0 (each row's own decay, none of the chunk's earlier
+    tokens), sweeps Ū <- γ code(Z0 - L Ū, α) until Ū settles (_moving) or C - 1 sweeps are done."""
+    U = g[:, None] * _code_fwd(Z0, a, mm, M, PHI, EPS)
     n = 0
     moving = True
     while (n < C - 1) & moving:
@@ -385,21 +395,50 @@ def _exact_codes_fwd(Z0, Z, L, a, g, mm, M, PHI: tl.constexpr, EPS: tl.constexpr
 
 
 @triton.jit
-def _exact_codes_bwd(Z, L, a, g, dU, mm, M, PHI: tl.constexpr, EPS: tl.constexpr, C: tl.constexpr,
+def _code_dz(dU, g, k1, s1, y, a, rsd, c0, c1, c2, mm, M, PHI: tl.constexpr):
+    """dz of _code_vjp alone, for the sweeps of _exact_codes_bwd. For normalized SiLU without the
+    tile u = s1 ⊙ h: with h = (c0 y - a - c2) rsd, mean(du ⊙ u) = rsd (c0 mean(p y) - mean(p a)
+    - c2 mean(p)), again three row sums."""
+    du = g[:, None] * dU
+    if PHI == 0:
+        dz = du
+    elif PHI == 1:
+        dz = du * k1
+    else:
+        p = tl.where(mm, du * s1, 0.0)
+        mp, py, pa = tl.sum(p, 1) / M, tl.sum(p * y, 1) / M, tl.sum(p * a, 1) / M
+        r2 = rsd * rsd * py
+        r1 = r2 * c1 + rsd * rsd * (c0 * py - pa - c2 * mp)
+        r3 = rsd * rsd * (c0 * mp - py * c2)
+        dz = du * k1 - s1 * (y * r1[:, None] - a * r2[:, None] + r3[:, None])
+    return tl.where(mm, dz, 0.0)
+
+
+@triton.jit
+def _exact_codes_bwd(L, a, g, dU, u, k1, s1, y, rsd, c0, c1, c2, mm, M, PHI: tl.constexpr, C: tl.constexpr,
                      PREC: tl.constexpr):
-    """The adjoint of _exact_codes_fwd at its solution Z. dU: dLoss/dŪ from everything but Z (the
-    reads, the chunk end). Solves dŪ = dU - Lᵀ dZ, dZ = J_code(Z)ᵀ (γ dŪ) by sweeps (Lᵀ is
-    strictly upper triangular). Returns dZ, dα, dγ."""
-    u, k1, s1, y, rsd, c0, c1, c2 = _code_lin(Z, a, mm, M, PHI, EPS)
-    dZ, da, dg = _code_vjp(dU, g, u, k1, s1, y, a, rsd, c0, c1, c2, mm, M, PHI)
+    """The adjoint of _exact_codes_fwd at its solution, from the code's terms there (_code_lin;
+    u only for identity and SiLU). dU: dLoss/dŪ from everything but z (the reads, the chunk end).
+    Solves dŪ = dU - Lᵀ dZ, dZ = J_code(z)ᵀ (γ dŪ) by sweeps of dZ alone from dZ = 0 (Lᵀ is
+    strictly upper triangular; the first sweep gives the chunk-start rule's dZ, and every tile
+    stays in the sweeps' layout, held once), then dα and dγ once, at the solution. Returns dZ,
+    dα, dγ."""
+    dZ = tl.zeros_like(dU)
     n = 0
     moving = True
-    while (n < C - 1) & moving:
-        dZ_next, da, dg = _code_vjp(dU - _dot(tl.trans(L), dZ, PREC), g, u, k1, s1, y, a, rsd, c0, c1, c2, mm, M,
-                                    PHI)
+    while (n < C) & moving:
+        dZ_next = _code_dz(dU - _dot(tl.trans(L), dZ, PREC), g, k1, s1, y, a, rsd, c0, c1, c2, mm, M, PHI)
         moving = _moving(dZ_next, dZ, PREC)
         dZ = dZ_next
         n += 1
+    dUe = dU - _dot(tl.trans(L), dZ, PREC)
+    if PHI == 2:  # _code_vjp's dα and dγ from q = dŪ ⊙ s1 and u = s1 ⊙ (c0 y - a - c2) rsd (_code_dz)
+        q = tl.where(mm, dUe * s1, 0.0)
+        sq, qy, qa = tl.sum(q, 1), tl.sum(q * y, 1), tl.sum(q * a, 1)
+        dg = rsd * (c0 * qy - qa - c2 * sq)
+        da = tl.where(mm, -(q - (sq / M)[:, None] - y * (qy / M)[:, None]) * (g * rsd)[:, None], 0.0)
+    else:
+        _, da, dg = _code_vjp(dUe, g, u, k1, s1, y, a, rsd, c0, c1, c2, mm, M, PHI)
     return dZ, da, dg
 
 
@@ -447,7 +486,7 @@ def _state_fwd_kernel(k, v, al, LB, GM, K0, V0, SK, SV, UK, UV, NK, NV, KT, VT, 
         mrow = tm[:, None] & mm
         if EXACT:
             b_prev, _, L = _exact_lower(w, b, lb, oc, PREC)
-            U = _exact_codes_fwd(tl.exp(b_prev)[:, None] * Z, Z, L, a, g, mm, M, PHI, EPS, C, PREC)
+            U = _exact_codes_fwd(tl.exp(b_prev)[:, None] * Z, L, a, g, mm, M, PHI, EPS, C, PREC)
         elif STATS:
             u, mu, rsd, me, ey = _code_stats(Z, a, mm, M, EPS)
             j = tl.arange(0, 4)[None, :]  # one [C, 4] store, in the layout the statistics already have
@@ -575,22 +614,25 @@ def _read_bwd_key_kernel(q, k, LB, SK, UK, dYK, dq, dk, dUK, dSK, dlb, T, H, NC,
 
 
 @triton.jit
-def _code_prep_kernel(k, v, al, SK, SV, PT, PR, T, H, NC, C0, NCS,
+def _code_prep_kernel(k, v, al, LB, SK, SV, UK, UV, PT, PR, PL, T, H, NC, C0, NCS,
                       DK, DV, M, BD: tl.constexpr, BM: tl.constexpr,
                       C: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
-                      EVEN: tl.constexpr):
-    """Grid (chunks of a run, B*H, 2 passes), chunk C0 + program_id(0): the code's terms at the
-    chunk-start rule's Z = W Sᵀ that do not depend on the incoming gradient (_code_lin), for the
-    backward walk of that run. Stores tiles u, k1, s1, y [C, BM] into PT and rows rsd, c0, c1, c2
-    [C] into PR, both [2 passes, B*H, NCS, 4, ...]; the walk then only evaluates _code_vjp."""
+                      EXACT: tl.constexpr, EVEN: tl.constexpr):
+    """Grid (chunks of a run, B*H, 2 passes), chunk C0 + program_id(0): the code's terms that do
+    not depend on the incoming gradient (_code_lin), for the backward walk of that run, at the
+    chunk-start rule's Z = W Sᵀ or (EXACT) at the exact rule's solution
+    Z = diag(e^{b_prev}) W Sᵀ - L Ū, with Ū the forward's. Stores tiles u, k1, s1, y [C, BM]
+    into PT and rows rsd, c0, c1, c2 [C] into PR, both [2 passes, B*H, NCS, 4, ...], and
+    (EXACT) L [C, C] into PL [2 passes, B*H, NCS, C, C]; the walk then only evaluates _code_vjp
+    (EXACT: _exact_codes_bwd)."""
     if EVEN:
         DK, DV, M = BD, BD, BM
     j, pid = tl.program_id(0), tl.program_id(1)
     ci = C0 + j
     if tl.program_id(2) == 0:
-        W, SS, D = k, SK, DK
+        W, SS, UU, D = k, SK, UK, DK
     else:
-        W, SS, D = v, SV, DV
+        W, SS, UU, D = v, SV, UV, DV
     bi, h, s_b, s_t, gb, oc, t, tm = _chunk_rows(ci, pid, T, H, C)
     od, om = tl.arange(0, BD), tl.arange(0, BM)
     mm = (om < M)[None, :]
@@ -598,7 +640,14 @@ def _code_prep_kernel(k, v, al, SK, SV, PT, PR, T, H, NC, C0, NCS,
     row_w, row_m = bi * s_b * D + h * D, bi * s_b * M + h * M
     w = _load_rows(W + row_w, t, tm, od, D, s_t * D)
     a = _load_rows(al + row_m, t, tm, om, M, s_t * M).to(tl.float32)
-    u, k1, s1, y, rsd, c0, c1, c2 = _code_lin(_dot(w, tl.trans(S), PREC), a, mm, M, PHI, EPS)
+    Z = _dot(w, tl.trans(S), PREC)
+    if EXACT:
+        lb = tl.load(LB + gb + t * s_t, mask=tm, other=0.0)
+        b_prev, _, L = _exact_lower(w, tl.cumsum(lb, 0), lb, oc, PREC)
+        Z = tl.exp(b_prev)[:, None] * Z - _dot(L, _load_rows(UU + row_m, t, tm, om, M, s_t * M), PREC)
+        pid_run = (tl.program_id(2) * tl.num_programs(1) + pid) * NCS + j
+        tl.store(PL + pid_run * C * C + oc[:, None] * C + oc[None, :], L)
+    u, k1, s1, y, rsd, c0, c1, c2 = _code_lin(Z, a, mm, M, PHI, EPS)
     base = ((tl.program_id(2) * tl.num_programs(1) + pid) * NCS + j) * 4
     tile = oc[:, None] * BM + om[None, :]
     tl.store(PT + base * C * BM + tile, u)
@@ -612,7 +661,7 @@ def _code_prep_kernel(k, v, al, SK, SV, PT, PR, T, H, NC, C0, NCS,
 
 
 @triton.jit
-def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, NK, NV, PT, PR, UK, UV, dUK, dUV, dSK, dSV, dKT, dVT, dalK, dalV,
+def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, NK, NV, PT, PR, PL, UK, UV, dUK, dUV, dSK, dSV, dKT, dVT, dalK, dalV,
                       dgmK, dgmV, dK0, dV0, T, H, NC, C0, NCS,
                       DK, DV, M, BD: tl.constexpr, BM: tl.constexpr,
                       C: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
@@ -621,8 +670,9 @@ def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, NK, NV, PT, PR, UK, UV, dUK, dUV
     end), from dKT, dVT (the run's end) to dK0, dV0 (its start); only what the next dS needs:
     dS += dS_read of the next chunk (the reads of the chunk that starts from this end state),
     dU = dU_read - to_end ⊙ (W dSᵀ), (dZ, dα, dγ) through the code, dS <- e^{b_C} dS + dZᵀ W.
-    The code's terms at Z come from _code_prep_kernel (PREP), or are rebuilt slot by slot from
-    Z = W Sᵀ and the forward's row statistics (NK, NV; normalized SiLU), or, EXACT, solved again.
+    The code's terms at Z come from _code_prep_kernel (PREP; EXACT: with L, PL), or are rebuilt
+    slot by slot from Z = W Sᵀ and the forward's row statistics (NK, NV; normalized SiLU), or,
+    EXACT in one run, computed here at the forward's solution (from S and Ū, UK, UV).
     Adding the next chunk's dS_read at the top, where a dot uses it, lets the compiler prefetch
     it with the chunk's other loads. It overwrites the next chunk's dS_read with that dS (the
     gradient w.r.t. the next chunk's start state) and dU_read with dZ, for _state_grads_kernel.
@@ -660,21 +710,29 @@ def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, NK, NV, PT, PR, UK, UV, dUK, dUV
         rows_m = row_m + t[:, None] * s_t * M + om[None, :]
         mrow = tm[:, None] & mm
         dU = tl.load(dUU + rows_m, mask=mrow, other=0.0) - to_end[:, None] * _dot(w, tl.trans(dS), PREC)
-        if EXACT:
-            Z = _dot(w, tl.trans(tl.load(SS + (pid * NC + ci) * M * D + loc, mask=smask, other=0.0)), PREC)
-            U = _load_rows(UU + row_m, t, tm, om, M, s_t * M)  # the forward's exact codes
-            b_prev, _, L = _exact_lower(w, b, lb, oc, PREC)
-            eb_prev = tl.exp(b_prev)
-            dZ, da, dgv = _exact_codes_bwd(eb_prev[:, None] * Z - _dot(L, U, PREC), L, a, g, dU,
-                                           mm, M, PHI, EPS, C, PREC)
-        elif PREP:  # the terms from _code_prep_kernel, chunk cj from the run's end
-            base = ((tl.program_id(1) * tl.num_programs(0) + pid) * NCS + NCS - 1 - cj) * 4
+        if PREP:  # the terms from _code_prep_kernel, chunk cj from the run's end
+            run_ci = (tl.program_id(1) * tl.num_programs(0) + pid) * NCS + NCS - 1 - cj
+            base = run_ci * 4
             tile = oc[:, None] * BM + om[None, :]
-            u, k1 = tl.load(PT + base * C * BM + tile), tl.load(PT + (base + 1) * C * BM + tile)
+            k1 = tl.load(PT + (base + 1) * C * BM + tile)
             s1, y = tl.load(PT + (base + 2) * C * BM + tile), tl.load(PT + (base + 3) * C * BM + tile)
             rsd, c0 = tl.load(PR + base * C + oc), tl.load(PR + (base + 1) * C + oc)
             c1, c2 = tl.load(PR + (base + 2) * C + oc), tl.load(PR + (base + 3) * C + oc)
-            dZ, da, dgv = _code_vjp(dU, g, u, k1, s1, y, a, rsd, c0, c1, c2, mm, M, PHI)
+            u = tl.load(PT + base * C * BM + tile)  # (the exact rule with normalized SiLU: unused, not loaded)
+            if EXACT:
+                L = tl.load(PL + run_ci * C * C + oc[:, None] * C + oc[None, :])
+                eb_prev = tl.exp(b - lb)
+                dZ, da, dgv = _exact_codes_bwd(L, a, g, dU, u, k1, s1, y, rsd, c0, c1, c2, mm, M, PHI, C, PREC)
+            else:
+                dZ, da, dgv = _code_vjp(dU, g, u, k1, s1, y, a, rsd, c0, c1, c2, mm, M, PHI)
+        elif EXACT:  # one run: the terms at the exact rule's solution Z = diag(e^{b_prev}) W Sᵀ - L Ū
+            S = tl.load(SS + (pid * NC + ci) * M * D + loc, mask=smask, other=0.0)
+            b_prev, _, L = _exact_lower(w, b, lb, oc, PREC)
+            eb_prev = tl.exp(b_prev)
+            Z = eb_prev[:, None] * _dot(w, tl.trans(S), PREC) - _dot(L, _load_rows(UU + row_m, t, tm, om, M, s_t * M),
+                                                                     PREC)
+            u, k1, s1, y, rsd, c0, c1, c2 = _code_lin(Z, a, mm, M, PHI, EPS)
+            dZ, da, dgv = _exact_codes_bwd(L, a, g, dU, u, k1, s1, y, rsd, c0, c1, c2, mm, M, PHI, C, PREC)
         else:
             Z = _dot(w, tl.trans(tl.load(SS + (pid * NC + ci) * M * D + loc, mask=smask, other=0.0)), PREC)
             if PHI == 2:
@@ -782,7 +840,7 @@ def _launch_config(DK, DV, M, C, phi, f, phi_eps, f_eps, exact, prec, num_warps)
                num_warps=num_warps[0], num_stages=2 if _block(M) * BD <= 8192 else 1)
     par = dict(dims, BDK=_block(DK), BDV=_block(DV), F=_F_ID[f], EPS=f_eps, num_warps=num_warps[1], num_stages=1)
     grads = dict(dims, BD=seq["BD"], EXACT=exact, num_warps=num_warps[1], num_stages=1)
-    prep = dict(dims, BD=BD, PHI=_PHI_ID[phi], EPS=phi_eps, num_warps=num_warps[1], num_stages=1)
+    prep = dict(dims, BD=BD, PHI=_PHI_ID[phi], EPS=phi_eps, EXACT=exact, num_warps=num_warps[1], num_stages=1)
     return seq, par, grads, prep
 
 
@@ -825,7 +883,7 @@ class TrellisChunkFn(torch.autograd.Function):
         KT, VT = torch.empty_like(K0), torch.empty_like(V0)
         SK, SV = torch.empty(B, H, NC, M, DK, **f32), torch.empty(B, H, NC, M, DV, **f32)  # chunk-start states
         UK, UV = torch.empty(alpha.shape, **f32), torch.empty(alpha.shape, **f32)  # Ubar = γ code(Z, α)
-        prepped = not exact and len(_runs(NC, runs)) > 1  # the backward runs _code_prep_kernel
+        prepped = len(_runs(NC, runs)) > 1  # the backward runs _code_prep_kernel
         stats = phi == "norm_silu" and not exact and not prepped
         NK, NV = (torch.empty(B, T, H, 4 if stats else 0, **f32) for _ in range(2))  # the code's row statistics
         seq, par, grads, prep = _launch_config(DK, DV, M, C, phi, f, phi_eps, f_eps, exact, prec, num_warps)
@@ -865,6 +923,7 @@ class TrellisChunkFn(torch.autograd.Function):
         most = max(n for _, n in spans) if ctx.prepped else 0
         PT = torch.empty(2, 2, B * H, most, 4, C, ctx.seq["BM"], **f32)
         PR = torch.empty(2, 2, B * H, most, 4, C, **f32)
+        PL = torch.empty(2, 2, B * H, most if ctx.seq["EXACT"] else 0, C, C, **f32)  # the exact rule's L
         walked = {}
         for r in reversed(range(len(spans))):
             c0, n = spans[r]
@@ -877,13 +936,13 @@ class TrellisChunkFn(torch.autograd.Function):
             if ctx.prepped:
                 if r + 2 in walked:
                     main.wait_event(walked[r + 2])
-                _code_prep_kernel[(n, B * H, 2)](k, v, alpha, SK, SV, PT[r % 2], PR[r % 2], T, H, NC, c0, n,
-                                                 **ctx.prep)
+                _code_prep_kernel[(n, B * H, 2)](k, v, alpha, log_beta, SK, SV, UK, UV, PT[r % 2], PR[r % 2],
+                                                 PL[r % 2], T, H, NC, c0, n, **ctx.prep)
             if side:
                 side.wait_stream(main)  # this run's reads (and, the first time, every input)
             with torch.cuda.stream(side) if side else contextlib.nullcontext():
                 _state_bwd_kernel[(B * H, 2)](k, v, alpha, log_beta, gamma, SK, SV, NK, NV, PT[r % 2], PR[r % 2],
-                                              UK, UV, dUK, dUV, dSK, dSV, dKs[r + 1], dVs[r + 1], dalK, dalV, dgmK,
+                                              PL[r % 2], UK, UV, dUK, dUV, dSK, dSV, dKs[r + 1], dVs[r + 1], dalK, dalV, dgmK,
                                               dgmV, dKs[r], dVs[r], T, H, NC, c0, n, PREP=ctx.prepped, **ctx.seq)
             if side and ctx.prepped:
                 walked[r] = torch.cuda.Event()
@@ -892,7 +951,7 @@ class TrellisChunkFn(torch.autograd.Function):
             main.wait_stream(side)
         # dUK, dUV now hold dZ and dSK, dSV (chunks 1 ..) the dS at each chunk's start. The final
         # gradients take the place of the buffers only the walks needed (peak memory)
-        del PT, PR, dYK
+        del PT, PR, PL, dYK
         dkf, dvf = (dk, dv) if k.dtype == torch.float32 else (torch.empty_like(k), torch.empty_like(v))
         dal, dgm = torch.empty_like(alpha), torch.empty_like(gamma)
         _state_grads_kernel[(NC, B * H, 2)](k, v, log_beta, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT, dVT, dk, dv,
@@ -909,13 +968,16 @@ def default_warps(m):
     return (8, 8) if m > 128 else (4, 4)
 
 
-def default_runs(programs=None, sms=None):
-    """Runs of chunks in the backward (TrellisChunkFn): 4 when the sequential kernels' `programs`
+def default_runs(programs=None, sms=None, exact=False):
+    """Runs of chunks in the backward (TrellisChunkFn): when the sequential kernels' `programs`
     (B*H*2) leave at least half of the GPU's `sms` multiprocessors to the read kernels, as in long
-    sequences; else 1. Each run costs the host four launches: at T = 16384 the fwd+bwd held at
-    3.3 ms in 4 runs, scattered over 3.5-5.0 ms in 8 and doubled in 16 (NOTES.md, section 3.2)."""
+    sequences, 4, and 8 for the exact rule (the two runs' worth of _code_prep_kernel's terms and L
+    it holds are then a quarter of all chunks'; its walks are long enough that the host's launches
+    do not set the pace); else 1. Each run costs the host four launches: at T = 16384 the
+    chunk-start rule's fwd+bwd held at 3.3 ms in 4 runs, scattered over 3.5-5.0 ms in 8 and
+    doubled in 16 (NOTES.md, section 3.2)."""
     if programs is not None and sms is not None and 2 * programs <= sms:
-        return 4
+        return 8 if exact else 4
     return 1
 
 
@@ -972,7 +1034,7 @@ def trellis_op_triton(q, k, v, alpha, beta, gamma, K0=None, V0=None, *, phi, f, 
     if num_warps is None:
         num_warps = default_warps(m)
     if runs is None:
-        runs = default_runs(B * H * 2, sms)
+        runs = default_runs(B * H * 2, sms, exact)
     o, KT, VT = TrellisChunkFn.apply(q, k, v, alpha, log_beta, gamma, K0, V0, phi, f, phi_eps, f_eps, chunk_size,
                                      exact, precision, num_warps, runs)
     return o.to(v.dtype), KT, VT
