@@ -743,7 +743,7 @@ def test_kernel_fits_hopper_shared_memory():
     assert run.returncode == 0, run.stderr[-2000:]
     *accepted, refused = json.loads(run.stdout.strip().splitlines()[-1])
     assert max(accepted) <= kernel.H100_SHARED_MEMORY < refused
-    probe = lambda d, m: (torch.empty(1, 1, 1, d), torch.empty(1, 1, 1, d), torch.empty(1, 1, 1, m))  # noqa: E731
+    probe = lambda d, m: tuple(torch.empty(1, 1, 1, n, device=KERNEL_DEVICE) for n in (d, d, m))  # noqa: E731
     assert kernel.unsupported(*probe(64, 64), "norm_silu", "norm_silu", 64, 0) is None
     assert kernel.unsupported(*probe(128, 128), "norm_silu", "norm_silu", 32, 31) is None
     assert kernel.unsupported(*probe(64, 256), "norm_silu", "norm_silu", 16, 15) is None
