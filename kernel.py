@@ -641,14 +641,14 @@ def _code_prep_kernel(k, v, al, LB, SK, SV, UK, UV, PT, PR, PL, T, H, NC, C0, NC
     w = _load_rows(W + row_w, t, tm, od, D, s_t * D)
     a = _load_rows(al + row_m, t, tm, om, M, s_t * M).to(tl.float32)
     Z = _dot(w, tl.trans(S), PREC)
+    run_ci = (tl.program_id(2) * tl.num_programs(1) + pid) * NCS + j  # this chunk in the run's buffers
     if EXACT:
         lb = tl.load(LB + gb + t * s_t, mask=tm, other=0.0)
         b_prev, _, L = _exact_lower(w, tl.cumsum(lb, 0), lb, oc, PREC)
         Z = tl.exp(b_prev)[:, None] * Z - _dot(L, _load_rows(UU + row_m, t, tm, om, M, s_t * M), PREC)
-        pid_run = (tl.program_id(2) * tl.num_programs(1) + pid) * NCS + j
-        tl.store(PL + pid_run * C * C + oc[:, None] * C + oc[None, :], L)
+        tl.store(PL + run_ci * C * C + oc[:, None] * C + oc[None, :], L)
     u, k1, s1, y, rsd, c0, c1, c2 = _code_lin(Z, a, mm, M, PHI, EPS)
-    base = ((tl.program_id(2) * tl.num_programs(1) + pid) * NCS + j) * 4
+    base = run_ci * 4
     tile = oc[:, None] * BM + om[None, :]
     tl.store(PT + base * C * BM + tile, u)
     tl.store(PT + (base + 1) * C * BM + tile, k1)
