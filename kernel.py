@@ -364,8 +364,11 @@ def _moving(new, old, PREC: tl.constexpr):
         tol = 4.76837158203125e-07
     else:
         tol = 4.8828125e-04
-    change, size = tl.reduce((tl.abs(new - old), tl.abs(new)), 1, _max_pair)
-    change, size = tl.reduce((change, size), 0, _max_pair)
+    if _COMPILED:
+        change, size = tl.reduce((tl.abs(new - old), tl.abs(new)), 1, _max_pair)
+        change, size = tl.reduce((change, size), 0, _max_pair)
+    else:  # the interpreter calls a reduction's combine function from Python, slowly; tl.max is numpy's
+        change, size = tl.max(tl.max(tl.abs(new - old), 1), 0), tl.max(tl.max(tl.abs(new), 1), 0)
     return change > size * tol
 
 
