@@ -382,15 +382,36 @@ def _exact_lower(w, b, lb, oc, PREC: tl.constexpr):
 
 
 @triton.jit
+def _sweep_code(z, a, ac, g, mm, M, PHI: tl.constexpr, EPS: tl.constexpr):
+    """Ū = γ code(z, α) inside the sweeps. For normalized SiLU from α's centred rows ac = α - mean(α)
+    (fixed for the chunk) and the LayerNorm's mean(y) = 0, mean(y²) = 1 - ε rsd² (section 2): then
+    mean(e) = -mean(α) and c0 = 1 - mean(e y) = ε rsd² + mean(ac y), so that
+    u = s1 ⊙ (c0 y - ac) rsd = s1 ⊙ (c0 rsd² (s - μ) - rsd ac): one row sum fewer than _code_stats
+    and no tile e."""
+    if PHI == 2:
+        sg = _sigmoid(z)
+        s = z * sg
+        s1 = sg + s * (1 - sg)  # silu'(z)
+        mu = tl.sum(tl.where(mm, s, 0.0), 1) / M
+        c = tl.where(mm, s - mu[:, None], 0.0)
+        rsd = 1.0 / tl.sqrt(tl.sum(c * c, 1) / M + EPS)
+        c0 = rsd * rsd * rsd * (EPS * rsd + tl.sum(ac * c, 1) / M)  # c0 rsd², with mean(ac y) = rsd mean(ac c)
+        return s1 * ((g * c0)[:, None] * c - (g * rsd)[:, None] * ac)
+    else:
+        return g[:, None] * _code_fwd(z, a, mm, M, PHI, EPS)
+
+
+@triton.jit
 def _exact_codes_fwd(Z0, L, a, g, mm, M, PHI: tl.constexpr, EPS: tl.constexpr, C: tl.constexpr,
                      PREC: tl.constexpr):
     """Ū of the exact rule: from the codes at Z0 (each row's own decay, none of the chunk's earlier
     tokens), sweeps Ū <- γ code(Z0 - L Ū, α) until Ū settles (_moving) or C - 1 sweeps are done."""
-    U = g[:, None] * _code_fwd(Z0, a, mm, M, PHI, EPS)
+    ac = tl.where(mm, a - (tl.sum(a, 1) / M)[:, None], 0.0)  # α's centred rows (normalized SiLU)
+    U = _sweep_code(Z0, a, ac, g, mm, M, PHI, EPS)
     n = 0
     moving = True
     while (n < C - 1) & moving:
-        U_next = g[:, None] * _code_fwd(Z0 - _dot(L, U, PREC), a, mm, M, PHI, EPS)
+        U_next = _sweep_code(Z0 - _dot(L, U, PREC), a, ac, g, mm, M, PHI, EPS)
         moving = _moving(U_next, U, PREC)
         U = U_next
         n += 1
