@@ -383,11 +383,11 @@ def _exact_lower(w, b, lb, oc, PREC: tl.constexpr):
 
 @triton.jit
 def _sweep_code(z, a, ac, g, mm, M, PHI: tl.constexpr, EPS: tl.constexpr):
-    """Ū = γ code(z, α) inside the sweeps. For normalized SiLU from α's centred rows ac = α - mean(α)
-    (fixed for the chunk) and the LayerNorm's mean(y) = 0, mean(y²) = 1 - ε rsd² (section 2): then
-    mean(e) = -mean(α) and c0 = 1 - mean(e y) = ε rsd² + mean(ac y), so that
-    u = s1 ⊙ (c0 y - ac) rsd = s1 ⊙ (c0 rsd² (s - μ) - rsd ac): one row sum fewer than _code_stats
-    and no tile e."""
+    """Ū = γ code(z, α) inside the sweeps. For normalized SiLU from α's centred rows
+    ac = α - mean(α) (fixed for the chunk) and the LayerNorm's mean(y) = 0, mean(y²) = 1 - ε rsd²
+    (NOTES.md, section 2): then mean(e) = -mean(α) and c0 = 1 - mean(e y) = ε rsd² + mean(ac y), so
+    that u = s1 ⊙ (c0 y - ac) rsd = s1 ⊙ (c0 rsd² (s - μ) - rsd ac): one row sum fewer than
+    _code_stats and no tile e."""
     if PHI == 2:
         sg = _sigmoid(z)
         s = z * sg
@@ -395,8 +395,8 @@ def _sweep_code(z, a, ac, g, mm, M, PHI: tl.constexpr, EPS: tl.constexpr):
         mu = tl.sum(tl.where(mm, s, 0.0), 1) / M
         c = tl.where(mm, s - mu[:, None], 0.0)
         rsd = 1.0 / tl.sqrt(tl.sum(c * c, 1) / M + EPS)
-        c0 = rsd * rsd * rsd * (EPS * rsd + tl.sum(ac * c, 1) / M)  # c0 rsd², with mean(ac y) = rsd mean(ac c)
-        return s1 * ((g * c0)[:, None] * c - (g * rsd)[:, None] * ac)
+        c0_rsd2 = rsd * rsd * rsd * (EPS * rsd + tl.sum(ac * c, 1) / M)  # c0 rsd², mean(ac y) = rsd mean(ac c)
+        return s1 * ((g * c0_rsd2)[:, None] * c - (g * rsd)[:, None] * ac)
     else:
         return g[:, None] * _code_fwd(z, a, mm, M, PHI, EPS)
 
