@@ -966,8 +966,9 @@ class TrellisChunkFn(torch.autograd.Function):
                 side.wait_stream(main)  # this run's reads (and, the first time, every input)
             with torch.cuda.stream(side) if side else contextlib.nullcontext():
                 _state_bwd_kernel[(B * H, 2)](k, v, alpha, log_beta, gamma, SK, SV, NK, NV, PT[r % 2], PR[r % 2],
-                                              PL[r % 2], UK, UV, dUK, dUV, dSK, dSV, dKs[r + 1], dVs[r + 1], dalK, dalV, dgmK,
-                                              dgmV, dKs[r], dVs[r], T, H, NC, c0, n, PREP=ctx.prepped, **ctx.seq)
+                                              PL[r % 2], UK, UV, dUK, dUV, dSK, dSV, dKs[r + 1], dVs[r + 1], dalK,
+                                              dalV, dgmK, dgmV, dKs[r], dVs[r], T, H, NC, c0, n, PREP=ctx.prepped,
+                                              **ctx.seq)
             if side and ctx.prepped:
                 walked[r] = torch.cuda.Event()
                 walked[r].record(side)
