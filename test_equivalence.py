@@ -627,15 +627,17 @@ def test_kernel_exact_equals_recurrence(p, even, C, extra, runs, phi, f):
     assert_all_close(as_reference(ggot), gwant, 2e-4, GRAD_NAMES)
 
 
-def test_kernel_finite_at_extremes():
-    """Zero memories (normalized SiLU at zero variance), beta = 0 and beta = 1 in the kernel:
-    finite outputs and gradients, equal to the float64 chunked form."""
+@pytest.mark.parametrize("sweeps", [0, 15])
+def test_kernel_finite_at_extremes(sweeps):
+    """Zero memories (normalized SiLU at zero variance), beta = 0 and beta = 1 in the kernel, for
+    the chunk-start and the exact rule: finite outputs and gradients, equal to the float64
+    chunked form."""
     p = Problem(B=1, T=40, H=2, dk=16, dv=16, m=16, gates="uniform", zero_init=True, seed=2)
     q, k, v, alpha, beta, gamma, K0, V0 = make_inputs(p, dtype=torch.float32)
     for b in (torch.zeros_like(beta), torch.ones_like(beta)):
         ins = [q, k, v, alpha, b, gamma, K0, V0]
-        want, _ = outputs_and_grads(as_reference(ins), 0, chunk_size=16, impl="chunked")
-        got, ggot = outputs_and_grads(on_kernel_device(ins), 0, op=kernel_op, chunk_size=16)
+        want, _ = outputs_and_grads(as_reference(ins), 0, chunk_size=16, sweeps=sweeps, impl="chunked")
+        got, ggot = outputs_and_grads(on_kernel_device(ins), 0, op=kernel_op, chunk_size=16, sweeps=sweeps)
         assert all(torch.isfinite(g).all() for g in got + ggot)
         assert_all_close(as_reference(got), want, 2e-4, ["o", "K", "V"])
 
