@@ -907,7 +907,8 @@ class TrellisChunkFn(torch.autograd.Function):
         KT, VT = torch.empty_like(K0), torch.empty_like(V0)
         SK, SV = torch.empty(B, H, NC, M, DK, **f32), torch.empty(B, H, NC, M, DV, **f32)  # chunk-start states
         UK, UV = torch.empty(alpha.shape, **f32), torch.empty(alpha.shape, **f32)  # Ubar = γ code(Z, α)
-        prepped = len(_runs(NC, runs)) > 1  # the backward runs _code_prep_kernel
+        spans = _runs(NC, runs)  # the backward's runs of chunks: (first chunk, count) each
+        prepped = len(spans) > 1  # the backward runs _code_prep_kernel
         stats = phi == "norm_silu" and not exact and not prepped
         NK, NV = (torch.empty(B, T, H, 4 if stats else 0, **f32) for _ in range(2))  # the code's row statistics
         seq, par, grads, prep = _launch_config(DK, DV, M, C, phi, f, phi_eps, f_eps, exact, prec, num_warps)
@@ -916,7 +917,8 @@ class TrellisChunkFn(torch.autograd.Function):
         YK = torch.empty(alpha.shape, **f32)  # the key pass's read yhat, kept for the backward
         _read_fwd_kernel[(NC, B * H)](q, k, v, log_beta, SK, SV, UK, UV, o, YK, T, H, NC, **par)
         ctx.save_for_backward(q, k, v, alpha, log_beta, gamma, SK, SV, UK, UV, YK, NK, NV)
-        ctx.seq, ctx.par, ctx.grads, ctx.prep, ctx.NC, ctx.runs, ctx.prepped = seq, par, grads, prep, NC, runs, prepped
+        ctx.seq, ctx.par, ctx.grads, ctx.prep = seq, par, grads, prep
+        ctx.NC, ctx.spans, ctx.prepped = NC, spans, prepped
         return o, KT, VT
 
     @staticmethod
@@ -936,7 +938,7 @@ class TrellisChunkFn(torch.autograd.Function):
         dYK = torch.empty(alpha.shape, **f32)
         dalK, dalV = torch.empty(alpha.shape, **f32), torch.empty(alpha.shape, **f32)
         dlbK, dlbV, dgmK, dgmV = (torch.empty_like(log_beta) for _ in range(4))
-        spans = _runs(NC, ctx.runs)  # (first chunk, count) of each run
+        spans = ctx.spans
         dKs = [torch.empty_like(dKT) for _ in spans] + [dKT]  # dL/d(state) where runs meet; dKs[0] = dL/dK0
         dVs = [torch.empty_like(dVT) for _ in spans] + [dVT]
         p, C = ctx.par, ctx.seq["C"]
