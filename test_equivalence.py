@@ -246,8 +246,9 @@ def test_causality(p, C, sweeps, phi, t, impl):
     o1 = tr.trellis_op(*ins, **kw)[0]
     ins2 = [x.clone() for x in ins]
     g = torch.Generator().manual_seed(p.seed + 7)
-    for x in ins2[:6]:  # every per-token input at time t
-        x[:, t] += torch.rand(x[:, t].shape, generator=g, dtype=x.dtype) * 0.3
+    for i, x in enumerate(ins2[:6]):  # every per-token input at time t (beta kept in [0, 1])
+        delta = torch.rand(x[:, t].shape, generator=g, dtype=x.dtype) * 0.3
+        x[:, t] = x[:, t] * (1 - delta) if i == 4 else x[:, t] + delta
     o2 = tr.trellis_op(*ins2, **kw)[0]
     assert torch.equal(o1[:, :t], o2[:, :t])
     assert not torch.equal(o1[:, t:], o2[:, t:])  # the perturbation does reach time t
@@ -482,7 +483,7 @@ def test_bad_token_input_raises():
 
 def decode(model, prompt, new_tokens):
     """Logits for prompt then new_tokens fed one at a time from the carried state."""
-    logits, _, state = model(prompt)
+    logits, _, state = model(prompt, state=model.initial_state())
     out = [logits]
     for t in range(new_tokens.shape[1]):
         logits, _, state = model(new_tokens[:, t:t + 1], state=state)
@@ -490,47 +491,67 @@ def decode(model, prompt, new_tokens):
     return torch.cat(out, 1), state
 
 
-@given(seed=st.integers(0, 2**31 - 1), P=st.integers(1, 11), N=st.integers(1, 6), C=st.integers(1, 5),
-       mixer=st.sampled_from(["trellis", "attention"]), phi=st.sampled_from(PHIS))
-def test_decode_equals_full_forward_exact(seed, P, N, C, mixer, phi):
-    """Prefill (chunked, exact with C - 1 sweeps) then per-token decoding from the
-    carried state gives the logits of one full forward pass; likewise for the KV cache."""
-    model = tiny_model(seed, mixer=mixer, phi=phi, chunk_size=C, sweeps=C - 1)
+def random_gates(model, seed):
+    """Gate weights drawn at random, so that beta and gamma vary from token to token (at init
+    they are constant) and the rules' codes differ (float64: the differences are far above 1e-9)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for blk in model.blocks:
+            if isinstance(blk.mixer, tr.TrellisMixer):
+                w = blk.mixer.gate_proj.weight
+                w.copy_(torch.randn(w.shape, generator=g, dtype=w.dtype))
+    return model
+
+
+@given(seed=st.integers(0, 2**31 - 1), P=st.integers(1, 13), N=st.integers(1, 7), C=st.integers(1, 5),
+       rule=st.sampled_from(["chunk-start", "exact", "between"]), mixer=st.sampled_from(["trellis", "attention"]),
+       phi=st.sampled_from(PHIS))
+def test_decode_equals_full_forward(seed, P, N, C, rule, mixer, phi):
+    """Prefill of any length (mid-chunk too) then token-by-token decoding gives the log-probs of
+    one full forward pass, for the chunk-start rule, the exact rule and sweeps in between;
+    likewise for the KV cache."""
+    sweeps = {"chunk-start": 0, "exact": C - 1, "between": max(0, C - 3)}[rule]
+    model = random_gates(tiny_model(seed, mixer=mixer, phi=phi, chunk_size=C, sweeps=sweeps, gamma_max=1.0), seed)
     idx = torch.randint(0, 61, (2, P + N), generator=torch.Generator().manual_seed(seed))
-    full = model(idx)[0]
-    got, _ = decode(model, idx[:, :P], idx[:, P:])
-    assert_close(got, full, 1e-9, f"{mixer} logits")
+    full = model(idx)[0].log_softmax(-1)
+    got, state = decode(model, idx[:, :P], idx[:, P:])
+    assert_close(got.log_softmax(-1), full, 1e-9, f"{mixer} {rule} log-probs")
+    if mixer == "trellis":
+        assert state[0]["pos"] == P + N
 
 
-@given(seed=st.integers(0, 2**31 - 1), chunks=st.integers(1, 3), C=st.integers(2, 5), phi=st.sampled_from(PHIS))
-def test_decode_chunk_start_rule_at_chunk_boundary(seed, chunks, C, phi):
-    """With the chunk-start rule, a prompt that ends on a chunk boundary leaves the
-    same state as the full pass, so the next decoded token's logits match the full pass."""
-    model = tiny_model(seed, phi=phi, chunk_size=C, sweeps=0)
-    P = chunks * C
-    idx = torch.randint(0, 61, (1, P + 1), generator=torch.Generator().manual_seed(seed))
-    full = model(idx)[0]
-    got, _ = decode(model, idx[:, :P], idx[:, P:])
-    assert_close(got, full, 1e-9, "logits")
+def test_decode_rule_matters():
+    """The check above has teeth: decoding a chunk-start model with the exact step (what
+    generation did before it carried the chunk's start memory) differs from its forward."""
+    model = random_gates(tiny_model(0, chunk_size=4, sweeps=0, gamma_max=1.0), 0)
+    idx = torch.randint(0, 61, (2, 10), generator=torch.Generator().manual_seed(0))
+    full = model(idx)[0].log_softmax(-1)
+    exact = replace(model.cfg, sweeps=3)
+    for blk in model.blocks:
+        blk.mixer.cfg = exact
+    got, _ = decode(model, idx[:, :3], idx[:, 3:])
+    assert (got.log_softmax(-1) - full).abs().max() > 1e-4
 
 
 def test_generation_state_is_constant_size():
-    """The Trellis state has the same size after 10 and after 1000 tokens (2 m d
-    numbers per head and layer, plus the short-conv caches); a KV cache grows."""
+    """The Trellis state has the same size after 10 and after 300 tokens: per head and layer
+    2 m d numbers for the exact rule, twice that for the chunk-start rule (the chunk's start
+    memories), plus the short-conv caches; a KV cache grows."""
     sizes = {}
-    for mixer in ("trellis", "attention"):
-        model = tiny_model(0, mixer=mixer).float()
-        idx = torch.randint(0, 61, (1, 1000))
-        _, _, state = model(idx[:, :1])
-        for t in range(1, 1000):
+    for mixer, sweeps in (("trellis", 0), ("trellis", 3), ("attention", 0)):
+        model = tiny_model(0, mixer=mixer, sweeps=sweeps).float()
+        idx = torch.randint(0, 61, (1, 300))
+        _, _, state = model(idx[:, :1], state=model.initial_state())
+        for t in range(1, 300):
             _, _, state = model(idx[:, t:t + 1], state=state)
-            if t + 1 in (10, 1000):
-                sizes[mixer, t + 1] = tr.state_numel(state)
+            if t + 1 in (10, 300):
+                sizes[mixer, sweeps, t + 1] = tr.state_numel(state)
     cfg = tiny_config()
     memories = cfg.n_layer * 2 * cfg.n_head * cfg.slots * (cfg.n_embd // cfg.n_head)
     convs = cfg.n_layer * 2 * 3 * cfg.n_embd
-    assert sizes["trellis", 10] == sizes["trellis", 1000] == memories + convs
-    assert sizes["attention", 1000] == 100 * sizes["attention", 10]
+    assert sizes["trellis", 3, 10] == sizes["trellis", 3, 300] == memories + convs  # chunk_size 4: exact
+    assert sizes["trellis", 0, 10] == sizes["trellis", 0, 300] == 2 * memories + convs
+    assert sizes["attention", 0, 300] == 30 * sizes["attention", 0, 10]
     out = tiny_model(0).float().generate(idx[:, :7], max_new_tokens=5, temperature=0.8, top_k=10)
     assert out.shape == (1, 12) and torch.equal(out[:, :7], idx[:, :7])
 
@@ -539,7 +560,7 @@ def test_decode_graph_refuses_what_it_cannot_capture():
     """A CUDA graph needs CUDA tensors and a state of fixed shape (Trellis, not a KV cache)."""
     for mixer in ("trellis", "attention"):
         model = tiny_model(0, mixer=mixer).eval()
-        logits, _, state = model(torch.zeros(1, 3, dtype=torch.long))
+        logits, _, state = model(torch.zeros(1, 3, dtype=torch.long), state=model.initial_state())
         with pytest.raises(ValueError, match="Trellis model and tensors on a CUDA device"):
             tr.DecodeGraph(model, logits[:, -1:].argmax(-1), state)
 

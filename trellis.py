@@ -175,29 +175,50 @@ def error_code(phi, z, a, eps):
 # (w, alpha, beta, gamma) alone, never from the reads, so only the value pass's read waits
 # for the key pass.
 #
-# pass_loop is the definition. Its chunk_size argument anchors z_t at the state of the
-# chunk's start instead of M_{t-1}: the approximation of section 3, written as a loop so
-# that the chunked form can be tested against it. chunk_size = 1 is the exact recurrence.
+# pass_loop is the definition. Its chunk_size argument anchors z_t at the memory of the
+# chunk's start instead of M_{t-1}: the paper's chunk-start rule of section 3, written as a
+# loop so that the chunked form can be tested against it (chunk_size = 1 is the exact
+# recurrence). Its sweeps argument is section 3's refinement, also token by token: sweep k's
+# codes are read from a memory written with sweep k-1's codes (section 3 derives this), so the
+# loop carries one memory per level. The same loop, one token at a time, is generation
+# (section 6): whatever rule the model was trained with, it decodes that rule.
 
 
-def pass_loop(W, A, beta, gamma, S, X, read, phi, phi_eps, chunk_size=1):
+def loop_levels(chunk_size, sweeps):
+    """(chunk length, number of memories) that pass_loop carries for a rule. The exact rule
+    (sweeps >= chunk_size - 1) is the chunk-start rule with chunks of one token: one memory.
+    Otherwise level 0 is the chunk's start memory and levels 1 .. sweeps + 1 are written with
+    the codes of sweeps 0 .. sweeps; the last level is the memory M_t."""
+    if sweeps >= chunk_size - 1:
+        return 1, 1
+    return chunk_size, sweeps + 2
+
+
+def pass_loop(W, A, beta, gamma, S, X, read, phi, phi_eps, chunk_size=1, sweeps=0, pos=0):
     """One memory pass, token by token.
-    W [B,H,T,d], A [B,H,T,m], beta/gamma [B,H,T], S [B,H,m,d] (the initial memory),
-    X [B,H,T,d] if read == "q" (y = M x, [m]) or [B,H,T,m] if read == "r" (y = M^T x, [d]).
-    Returns Y [B,H,T,m or d] and the final memory [B,H,m,d]."""
+    W [B,H,T,d], A [B,H,T,m], beta/gamma [B,H,T], X [B,H,T,d] if read == "q" (y = M x, [m])
+    or [B,H,T,m] if read == "r" (y = M^T x, [d]). S: the initial memory [B,H,m,d], or the
+    levels [n,B,H,m,d] that a previous call returned (loop_levels); pos: the position of the
+    first token in the sequence (where chunks start). Returns Y [B,H,T,m or d] and the levels
+    after the last token (the memory is levels[-1])."""
+    C, n = loop_levels(chunk_size, sweeps)
+    levels = S if S.dim() == 5 else S.expand(n, *S.shape)  # [n,B,H,m,d]
     ys = []
     for t in range(W.shape[2]):
-        if t % chunk_size == 0:
-            anchor = S  # chunk_size = 1: the previous memory, i.e. the exact recurrence
+        if (pos + t) % C == 0:  # a chunk starts: every level restarts from the memory
+            levels = levels[-1].expand_as(levels)
         w, a, x = W[:, :, t], A[:, :, t], X[:, :, t]  # [B,H,d], [B,H,m], [B,H,d|m]
-        z = (anchor @ w[..., None])[..., 0]  # [B,H,m]
-        u = gamma[:, :, t, None] * error_code(phi, z, a, phi_eps)  # [B,H,m]  (gamma_t u_t)
-        S = beta[:, :, t, None, None] * S - u[..., :, None] * w[..., None, :]  # write ...
+        src = levels[:-1] if n > 1 else levels  # the memories the codes are read from
+        z = (src @ w[..., None])[..., 0]  # [n-1,B,H,m] (n = 1: [1,B,H,m], z_t = M_{t-1} w_t)
+        u = gamma[:, :, t, None] * error_code(phi, z, a, phi_eps)  # gamma_t u_t per level
+        written = beta[:, :, t, None, None] * levels[-len(u):] - u[..., :, None] * w[..., None, :]  # write ...
+        levels = torch.cat([levels[:n - len(u)], written])  # level 0 (the chunk's start) is kept
+        M = levels[-1]
         if read == "q":  # ... before read
-            ys.append((S @ x[..., None])[..., 0])  # [B,H,m]
+            ys.append((M @ x[..., None])[..., 0])  # [B,H,m]
         else:
-            ys.append((S.transpose(-1, -2) @ x[..., None])[..., 0])  # [B,H,d]
-    return torch.stack(ys, dim=2), S
+            ys.append((M.transpose(-1, -2) @ x[..., None])[..., 0])  # [B,H,d]
+    return torch.stack(ys, dim=2), levels
 
 
 # -----------------------------------------------------------------------------
@@ -283,8 +304,8 @@ def pass_chunked(W, A, beta, gamma, S, X, read, phi, phi_eps, chunk_size=64, swe
 # 4. The two-pass operator
 #
 # trellis_op runs the key pass, f, then the value pass, in one of these implementations:
-#   "loop"     pass_loop; chunk_size anchors the codes (1 = exact)
-#   "chunked"  pass_chunked; sweeps refine the chunk-start rule toward exact
+#   "loop"     pass_loop, token by token (the definition)
+#   "chunked"  pass_chunked, chunk by chunk (the same function for every chunk_size and sweeps)
 #   "kernel"   kernel.py's Triton kernels (CUDA, or the Triton interpreter; sweeps 0 or >= C - 1)
 #   "auto"     the kernel when it supports the call, else "chunked"
 # Memories and gates are kept in float32 (float64 if any input is float64) whatever the
@@ -292,25 +313,42 @@ def pass_chunked(W, A, beta, gamma, S, X, read, phi, phi_eps, chunk_size=64, swe
 
 
 def trellis_op(q, k, v, alpha, beta, gamma, K0=None, V0=None, *, phi="norm_silu", f="norm_silu",
-               chunk_size=64, sweeps=0, phi_eps=1.0, f_eps=1e-3, impl="chunked"):
+               chunk_size=64, sweeps=0, phi_eps=1.0, f_eps=1e-3, impl="chunked", check_values=True):
     """The two-pass Trellis operator.
 
-    q, k [B,T,H,d_k]; v [B,T,H,d_v]; alpha [B,T,H,m]; beta, gamma [B,T,H];
+    q, k [B,T,H,d_k]; v [B,T,H,d_v]; alpha [B,T,H,m]; beta in [0, 1], gamma in [0, 2) [B,T,H];
     K0 [B,H,m,d_k], V0 [B,H,m,d_v] (None = zeros). phi_eps, f_eps: the LayerNorm epsilons of
     normalized SiLU in phi and in f. Returns o [B,T,H,d_v] in v's dtype and the final
-    memories K, V in float32 (float64 if any input is float64)."""
+    memories K, V in float32 (float64 if any input is float64).
+
+    check_values refuses non-finite inputs and gates out of range with a ValueError; it costs
+    one host sync, so the layer, whose gates are in range by construction, turns it off. (A NaN
+    is not kept causal: the chunked form's masked products 0 * NaN spread it to earlier rows.)"""
     _check_operator_args(q, k, v, alpha, beta, gamma, K0, V0, phi, f, chunk_size, sweeps, phi_eps, f_eps, impl)
+    if check_values:
+        _check_operator_values(q, k, v, alpha, beta, gamma, K0, V0)
     impl = _choose_impl(impl, q, v, alpha, phi, f, chunk_size, sweeps)
     if impl == "kernel":
         import kernel  # only this path needs triton
 
         return kernel.trellis_op_triton(q, k, v, alpha, beta, gamma, K0, V0, phi=phi, f=f, chunk_size=chunk_size,
                                         sweeps=sweeps, phi_eps=phi_eps, f_eps=f_eps)
-
     B, T, H, dk = q.shape
     dv, m = v.shape[-1], alpha.shape[-1]
     tensors = [q, k, v, alpha, beta, gamma] + [t for t in (K0, V0) if t is not None]
     dt = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    K = q.new_zeros(B, H, m, dk, dtype=dt) if K0 is None else K0.to(dt)  # [B,H,m,d_k]
+    V = q.new_zeros(B, H, m, dv, dtype=dt) if V0 is None else V0.to(dt)  # [B,H,m,d_v]
+    o, K, V = _two_passes(q, k, v, alpha, beta, gamma, K, V, impl, phi, f, chunk_size, sweeps, phi_eps, f_eps)
+    if impl == "loop":
+        K, V = K[-1], V[-1]  # the memories are the loop's last levels
+    return o, K, V
+
+
+def _two_passes(q, k, v, alpha, beta, gamma, K, V, impl, phi, f, chunk_size, sweeps, phi_eps, f_eps, pos=0):
+    """The PyTorch forms: key pass, f, value pass, in the dtype of the memories K, V (for the
+    loop, also the levels of loop_levels; pos: where the loop's first token sits in its chunk)."""
+    dt = K.dtype
 
     def heads_first(t):  # [B,T,H,*] -> [B,H,T,*] in the compute dtype
         return t.to(dt).transpose(1, 2)
@@ -319,17 +357,14 @@ def trellis_op(q, k, v, alpha, beta, gamma, K0=None, V0=None, *, phi="norm_silu"
     # beta is clamped away from 0 so that log beta is finite (sigmoid underflows below -88)
     bh = beta.to(dt).clamp_min(torch.finfo(dt).tiny).transpose(1, 2)  # [B,H,T]
     gh = gamma.to(dt).transpose(1, 2)  # [B,H,T]
-    K = q.new_zeros(B, H, m, dk, dtype=dt) if K0 is None else K0.to(dt)  # [B,H,m,d_k]
-    V = q.new_zeros(B, H, m, dv, dtype=dt) if V0 is None else V0.to(dt)  # [B,H,m,d_v]
-
     if impl == "loop":
-        one_pass, opts = pass_loop, dict(chunk_size=chunk_size)
+        one_pass, opts = pass_loop, dict(pos=pos)
     else:
-        one_pass, opts = pass_chunked, dict(chunk_size=chunk_size, sweeps=sweeps)
+        one_pass, opts = pass_chunked, {}
     with torch.autocast(q.device.type, enabled=False):
-        yhat, K = one_pass(kh, ah, bh, gh, K, qh, "q", phi, phi_eps, **opts)  # key pass: yhat [B,H,T,m]
+        yhat, K = one_pass(kh, ah, bh, gh, K, qh, "q", phi, phi_eps, chunk_size, sweeps, **opts)  # yhat [B,H,T,m]
         r = F_MAP[f](yhat, f_eps)  # [B,H,T,m]
-        o, V = one_pass(vh, ah, bh, gh, V, r, "r", phi, phi_eps, **opts)  # value pass: o [B,H,T,d_v]
+        o, V = one_pass(vh, ah, bh, gh, V, r, "r", phi, phi_eps, chunk_size, sweeps, **opts)  # o [B,H,T,d_v]
     return o.transpose(1, 2).to(v.dtype), K, V  # o: [B,T,H,d_v]
 
 
@@ -496,7 +531,8 @@ class TrellisMixer(nn.Module):
         B, T, n = x.shape
         H, m = cfg.n_head, cfg.slots
         d = n // H
-        state = state or {}
+        tracked = state is not None  # decoding: carry the state to the next call
+        state = dict(state or {})
         qk, v, g, alpha = self.in_proj(x).split([2 * n, n, n, H * m], dim=-1)  # [B,T,2n|n|n|H*m]
         new_state = {}
         # q, k, v L2-normalized per head: gamma ||w||^2 = gamma < 1 keeps every write a contraction
@@ -511,19 +547,18 @@ class TrellisMixer(nn.Module):
         if not cfg.forget_gate:
             beta = torch.ones_like(beta)
         gamma = cfg.gamma_max * gamma
-        if "K" in state:
-            K0, V0 = state["K"], state["V"]
-        elif self.K0 is not None:
-            K0, V0 = self.K0.expand(B, H, m, d), self.V0.expand(B, H, m, d)
-        else:
-            K0 = V0 = None
-        if "K" in state and T == 1:  # generation: the exact per-token update
-            impl, C, sweeps = "loop", 1, 0
-        else:
-            impl, C, sweeps = cfg.impl, cfg.chunk_size, cfg.sweeps
-        o, new_state["K"], new_state["V"] = trellis_op(q, k, v, alpha, beta, gamma, K0, V0, phi=cfg.phi, f=cfg.f,
-                                                       chunk_size=C, sweeps=sweeps, phi_eps=cfg.phi_eps,
-                                                       f_eps=cfg.f_eps, impl=impl)
+        ops = dict(phi=cfg.phi, f=cfg.f, chunk_size=cfg.chunk_size, sweeps=cfg.sweeps, phi_eps=cfg.phi_eps,
+                   f_eps=cfg.f_eps, impl=cfg.impl)
+        K0, V0 = (None if M is None else M.expand(B, H, m, d) for M in (self.K0, self.V0))
+        if not tracked:  # training and evaluation: the whole sequence in one call
+            o, _, _ = trellis_op(q, k, v, alpha, beta, gamma, K0, V0, check_values=False, **ops)
+            return self.o_proj(self.o_norm(o).reshape(B, T, n) * F.silu(g)), None
+        if "K" not in state:  # a new sequence starts at the learned (or zero) memories
+            dt = torch.promote_types(x.dtype, torch.float32)
+            zeros = x.new_zeros(B, H, m, d, dtype=dt)
+            state.update(K=zeros if K0 is None else K0.to(dt), V=zeros if V0 is None else V0.to(dt), pos=0)
+        o, carried = trellis_continue(q, k, v, alpha, beta, gamma, state, **ops)  # section 6
+        new_state.update(carried)
         y = self.o_norm(o).reshape(B, T, n) * F.silu(g)  # [B,T,H,d] -> [B,T,n]
         return self.o_proj(y), new_state
 
@@ -555,18 +590,18 @@ class AttentionMixer(nn.Module):
         q, k = rotary(q, pos0), rotary(k, pos0)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B,H,T,d]
         if state:
-            if T > 1:
-                raise ValueError("AttentionMixer: extend a KV cache one token at a time")
-            k, v = torch.cat([state["k"], k], 2), torch.cat([state["v"], v], 2)  # [B,H,pos0+1,d]
-            # one query sees every cached position. Written out rather than SDPA, whose backend
-            # choice may be re-planned for every new cache length
+            k, v = torch.cat([state["k"], k], 2), torch.cat([state["v"], v], 2)  # [B,H,pos0+T,d]
+            # query i sees cached positions up to pos0 + i. Written out rather than SDPA, whose
+            # backend choice may be re-planned for every new cache length
             dt = torch.promote_types(q.dtype, torch.float32)
-            att = (q.to(dt) @ k.to(dt).transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B,H,1,pos0+1]
-            y = (att.softmax(-1) @ v.to(dt)).to(v.dtype)  # [B,H,1,d]
+            att = (q.to(dt) @ k.to(dt).transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B,H,T,pos0+T]
+            seen = torch.ones(T, pos0 + T, dtype=torch.bool, device=x.device).tril(pos0)  # [T,pos0+T]
+            y = (att.masked_fill(~seen, -math.inf).softmax(-1) @ v.to(dt)).to(v.dtype)  # [B,H,T,d]
         else:
             p = self.cfg.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)  # [B,H,T,d]
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, n)), {"k": k, "v": v}
+        new_state = {"k": k, "v": v} if state is not None else None
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, n)), new_state
 
 
 def _mlp_hidden(cfg):
@@ -640,15 +675,16 @@ class TrellisLM(nn.Module):
         return n - self.wte.weight.numel() if non_embedding else n
 
     def forward(self, idx, targets=None, state=None):
-        """idx [B,T] -> logits [B,T,V] (and the mean cross-entropy if targets are given).
-        With state (from a previous call) the sequence continues; the new state is returned
-        as the third value."""
+        """idx [B,T] -> logits [B,T,V], the mean cross-entropy if targets are given, and the
+        generation state. With state=None (training, evaluation) no state is kept and the third
+        value is None; with state=model.initial_state() a sequence starts, and with the state a
+        call returned, that sequence continues."""
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"idx must be [B, T] integer token ids, got {tuple(idx.shape)} {idx.dtype}")
         x = self.wte(idx)  # [B,T,n]
         new_state = []
         for i, blk in enumerate(self.blocks):
-            x, s = blk(x, state[i] if state else None)
+            x, s = blk(x, None if state is None else state[i])
             new_state.append(s)
         logits = self.lm_head(self.norm_f(x))  # [B,T,V]
         loss = None
@@ -656,13 +692,21 @@ class TrellisLM(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
         return logits, loss, new_state
 
+    def initial_state(self):
+        """The state of an empty sequence: each layer starts at its initial memories."""
+        return [{} for _ in self.blocks]
+
     # -------------------------------------------------------------------------
     # 6. Generation with a constant-size state
     #
-    # A prompt is absorbed in one call (chunked form, the kernel on CUDA); then each new token
-    # is one exact per-token step (section 2) from the carried state. For Trellis that state is
-    # 2 m d numbers per head and layer (K and V) plus the short convolutions' last inputs,
-    # whatever the context; attention carries a KV cache that grows by one token per step.
+    # Generation computes, token by token, the function that training computed over the whole
+    # sequence. Each layer carries what pass_loop carries (section 2): the exact rule needs only
+    # the memories K and V, 2 m d numbers per head; the chunk-start rule also needs the memories
+    # at the current chunk's start, twice that (sweeps s < C - 1: s + 2 memories each), plus the
+    # position and the short convolutions' last inputs. None of it grows with the context;
+    # attention carries a KV cache that grows by one token per step. trellis_continue (below
+    # the model) absorbs a prompt's whole chunks with trellis_op (the kernel on CUDA) and steps
+    # through the rest with pass_loop.
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, cuda_graph=True):
@@ -682,7 +726,7 @@ class TrellisLM(nn.Module):
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-        logits, _, state = self(idx)
+        logits, _, state = self(idx, state=self.initial_state())
         out, graph = [idx], None
         use_graph = cuda_graph and idx.is_cuda and self.cfg.mixer == "trellis" and not self.training
         for _ in range(max_new_tokens):
@@ -701,6 +745,34 @@ class TrellisLM(nn.Module):
         return torch.cat(out, dim=1)
 
 
+def trellis_continue(q, k, v, alpha, beta, gamma, state, *, chunk_size, sweeps, impl, **eps_phi_f):
+    """Continue the sequence held in state = dict(K, V: levels [n,B,H,m,d] or a memory
+    [B,H,m,d], pos: tokens so far) by the T tokens of q .. gamma ([B,T,H,*], as trellis_op).
+    Returns o [B,T,H,d_v] and the new state. Whole chunks that start on a chunk boundary go
+    through trellis_op; the tokens before and after them through pass_loop."""
+    C, n = loop_levels(chunk_size, sweeps)
+    K, V, pos = state["K"], state["V"], state["pos"]
+    T = q.shape[1]
+    head = min(T, -pos % C)  # tokens up to the next chunk boundary
+    body = (T - head) // C * C  # whole chunks from there (the exact rule: C = 1, every token)
+    if body < chunk_size:  # too short to gain from the chunked form: all token by token
+        head, body = T, 0
+    outs, t0 = [], 0
+    for t1, how in ((head, "loop"), (head + body, impl), (T, "loop")):
+        if t1 > t0:
+            part = [t[:, t0:t1] for t in (q, k, v, alpha, beta, gamma)]
+            opts = dict(chunk_size=chunk_size, sweeps=sweeps, **eps_phi_f)
+            if how == "loop":
+                o, K, V = _two_passes(*part, K, V, "loop", pos=pos + t0, **opts)
+            else:  # at a chunk boundary every level holds the memory
+                K, V = (S[-1] if S.dim() == 5 else S for S in (K, V))
+                o, K, V = trellis_op(*part, K, V, impl=how, check_values=False, **opts)
+            outs.append(o)
+        t0 = t1
+    K, V = (S if S.dim() == 5 else S.expand(n, *S.shape) for S in (K, V))  # [n,B,H,m,d]
+    return torch.cat(outs, 1), dict(K=K, V=V, pos=pos + T)
+
+
 class DecodeGraph:
     """One Trellis decode step captured as a CUDA graph and replayed for every new token.
     Possible because the state has the same shapes at every position (a growing KV cache
@@ -711,33 +783,66 @@ class DecodeGraph:
     def __init__(self, model, tok, state):
         if model.cfg.mixer != "trellis" or not tok.is_cuda:
             raise ValueError("DecodeGraph needs a Trellis model and tensors on a CUDA device")
+        self.chunk = loop_levels(model.cfg.chunk_size, model.cfg.sweeps)[0]
+        self.pos = state[0]["pos"]
         self.tok = tok.clone()  # [B,1]
-        self.state = [{k: t.clone() for k, t in layer.items()} for layer in state]
+        self.state = [{k: t.clone(memory_format=torch.contiguous_format) for k, t in layer.items() if k != "pos"}
+                      for layer in state]
+        # captured at a position inside a chunk, so the graph holds no chunk start: step() does it
+        inside = [dict(layer, pos=1) for layer in self.state]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # one eager step first: lazy allocations stay out of the graph
-            model(self.tok, state=self.state)
+            model(self.tok, state=inside)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits, _, new = model(self.tok, state=self.state)  # [B,1,V]
+            self.logits, _, new = model(self.tok, state=inside)  # [B,1,V]
             for layer, new_layer in zip(self.state, new):  # the step writes its state in place
                 for k, t in layer.items():
                     t.copy_(new_layer[k])
+        for layer in self.state:
+            layer["pos"] = self.pos
 
     def step(self, tok):
+        if self.pos % self.chunk == 0:  # a chunk starts: every level restarts from the memory (as in pass_loop)
+            for layer in self.state:
+                for S in (layer["K"], layer["V"]):
+                    S[:-1].copy_(S[-1:].expand_as(S[:-1]))
         self.tok.copy_(tok)
         self.graph.replay()
+        self.pos += 1
+        for layer in self.state:
+            layer["pos"] = self.pos
         return self.logits
 
 
 def state_numel(state):
     """Numbers held by a generation state (list over layers of dicts of tensors)."""
-    return sum(t.numel() for layer in state for t in layer.values())
+    return sum(t.numel() for layer in state for t in layer.values() if isinstance(t, torch.Tensor))
 
 
 # -----------------------------------------------------------------------------
 # 7. Argument checks of trellis_op
+
+
+def _check_operator_values(q, k, v, alpha, beta, gamma, K0, V0):
+    """Raise ValueError for a non-finite input or a gate out of range (one host sync)."""
+    named = dict(q=q, k=k, v=v, alpha=alpha, beta=beta, gamma=gamma, K0=K0, V0=V0)
+    named = {name: t for name, t in named.items() if t is not None}
+    with torch.no_grad():
+        stats = torch.stack([t.isfinite().all() for t in named.values()] +
+                            [(beta >= 0).all() & (beta <= 1).all(), (gamma >= 0).all() & (gamma < 2).all()]).tolist()
+    bad = [name for ok, name in zip(stats[:len(named)], named) if not ok]
+    if bad:
+        raise ValueError(f"{', '.join(bad)} hold(s) NaN or inf: the operator needs finite inputs (check the values "
+                         f"that produced them)")
+    if not stats[-2]:
+        raise ValueError(f"beta must lie in [0, 1] (a forget gate), got values in "
+                         f"[{beta.min().item():.4g}, {beta.max().item():.4g}]: pass a sigmoid of the gate's logit")
+    if not stats[-1]:
+        raise ValueError(f"gamma must lie in [0, 2) (the step size; gamma ||w||^2 < 2 keeps a write contractive), "
+                         f"got values in [{gamma.min().item():.4g}, {gamma.max().item():.4g}]")
 
 
 def _check_operator_args(q, k, v, alpha, beta, gamma, K0, V0, phi, f, chunk_size, sweeps, phi_eps, f_eps, impl):
