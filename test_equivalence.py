@@ -368,6 +368,13 @@ BAD = {
     "V0 slots": (lambda a: a.update(V0=a["V0"][:, :, :5]), "V0 must be"),
     "V0 dtype": (lambda a: a.update(V0=a["V0"].int()), "V0 must be a floating-point"),
     "empty T": (lambda a: a.update({n: a[n][:, :0] for n in NAMES[:6]}), "empty dimension"),
+    "beta above 1": (lambda a: a["beta"].__setitem__((0, 2, 1), 1.01), "beta must lie in [0, 1]"),
+    "beta below 0": (lambda a: a["beta"].__setitem__((1, 0, 0), -0.1), "beta must lie in [0, 1]"),
+    "gamma 2": (lambda a: a["gamma"].__setitem__((0, 4, 0), 2.0), "gamma must lie in [0, 2"),
+    "gamma below 0": (lambda a: a["gamma"].__setitem__((0, 4, 0), -1e-3), "gamma must lie in [0, 2"),
+    "NaN in k": (lambda a: a["k"].__setitem__((0, 3, 1, 0), math.nan), "k hold"),
+    "inf in alpha": (lambda a: a["alpha"].__setitem__((1, 1, 0, 0), math.inf), "alpha hold"),
+    "NaN in K0": (lambda a: a["K0"].__setitem__((0, 0, 0, 0), math.nan), "K0 hold"),
 }
 
 
