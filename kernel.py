@@ -1331,6 +1331,8 @@ def bench(device="cuda", Ts=(1024, 4096, 16384), pytorch_Ts=(1024, 4096, 16384),
 
     import trellis as tr
 
+    if not all(isinstance(T, int) and 1 <= T <= tokens for T in Ts):
+        raise ValueError(f"bench: every T must be an int in [1, tokens = {tokens}], got {list(Ts)}")
     eps = dict(_model_eps(), phi="norm_silu", f="norm_silu")
     rows = []
     for T in Ts:
@@ -1474,23 +1476,28 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="check and benchmark the Trellis kernels")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-check", action="store_true")
-    ap.add_argument("--T", default="1024,4096,16384", help="sequence lengths (B*T = 32768)")
+    ap.add_argument("--T", help="sequence lengths, B*T = 32768 (default: 1024,4096,16384; on the CPU 2048)")
     ap.add_argument("--pytorch-T", default="1024,4096,16384", help="T at which to time the PyTorch forms too")
     ap.add_argument("--profile", action="store_true", help="per-kernel times at T = 1024 and 16384")
     ap.add_argument("--fla", action="store_true", help="also time fla's chunk_gsa and delta rule (fla-core)")
     ap.add_argument("--short-conv", action="store_true", help="only time the layer's short convolution")
     a = ap.parse_args()
     lengths = {}
-    for flag, text in (("--T", a.T), ("--pytorch-T", a.pytorch_T)):
+    default_T = "2048" if a.device == "cpu" else "1024,4096,16384"
+    for flag, text in (("--T", a.T or default_T), ("--pytorch-T", a.pytorch_T)):
         try:
             lengths[flag] = [int(t) for t in text.split(",") if t]
         except ValueError:
-            ap.exit(2, f"kernel.py: {flag} takes comma-separated sequence lengths such as 1024,4096, got {text!r}\n")
+            lengths[flag] = [0]
+        if not all(1 <= t <= 32768 for t in lengths[flag]):
+            ap.exit(2, f"kernel.py: {flag} takes comma-separated sequence lengths in [1, 32768] such as 1024,4096, "
+                       f"got {text!r}\n")
     if a.device != "cpu" and not torch.cuda.is_available():
         ap.exit(2, f"kernel.py: --device {a.device} needs a CUDA GPU, and torch sees none; --device cpu times the "
                    "PyTorch forms\n")
     if a.device == "cpu":
-        cpu_table()
+        for T in lengths["--T"]:
+            cpu_table(T=T)
     else:
         props = torch.cuda.get_device_properties(0)
         print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}")

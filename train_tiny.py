@@ -3,7 +3,7 @@
     python train_tiny.py                          # the default run: one GPU, about a minute
     python train_tiny.py --device cpu             # a small smoke run on the CPU
     python train_tiny.py --mixer attention        # the softmax-attention baseline of the same size
-    python train_tiny.py --resume                 # continue out/ckpt.pt (or --resume out/best.pt)
+    python train_tiny.py --resume                 # continue out/ckpt.pt
     python train_tiny.py --eval-from out/best.pt --eval-contexts 256,1024,4096,16384
                                                   # val loss of a trained model at longer contexts
     python train_tiny.py --task recall            # multi-query associative recall instead of text
@@ -27,6 +27,7 @@ import time
 import urllib.request
 import zipfile
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -188,6 +189,10 @@ def check_values(args):
         if not (lo <= x < hi if lo_ok else lo < x < hi) or not math.isfinite(x):
             interval = f"{'[' if lo_ok else '('}{lo}, {hi})"
             raise UsageError(f"--{name.replace('_', '-')} must be a number in {interval}, got {x}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UsageError(f"--seed must be an integer in [0, 2**62], got {args.seed}")
+    if not (args.bench_decode or args.bench_train or args.eval_from):
+        check_out_dir(args.out_dir)
     args.recall_pairs_list = parse_list("--recall-pairs", args.recall_pairs)
     if max(args.recall_pairs_list) > RECALL_KEYS:
         raise UsageError(f"--recall-pairs {args.recall_pairs}: at most {RECALL_KEYS} pairs (the keys are distinct)")
@@ -218,6 +223,23 @@ def check_values(args):
         why = kernel_unsupported(cfg, args.device)
         if why:
             raise UsageError(f"--impl kernel: {why}")
+
+
+MAX_SEED = 2**62  # the run adds its step count to the seed; torch takes seeds below 2**64
+
+
+def check_out_dir(path):
+    """OUT_DIR is a folder, or can be made as one, and can be written to."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"--out-dir {path} is a file, not a folder: pass a folder")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out-dir {path}: {parent} is a file, so the folder cannot be made there: pass another "
+                         f"--out-dir")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out-dir {path}: {parent} is not writable: pass a folder you can write to")
 
 
 def kernel_unsupported(cfg, device):
@@ -259,9 +281,7 @@ def read_text(args):
                      f"--data PATH/TO/input.txt (tiny Shakespeare is char-rnn's data/tinyshakespeare/input.txt), "
                      f"or put it at {path}")
             os.makedirs(args.cache_dir, exist_ok=True)
-            with open(path + ".tmp", "wb") as fh:
-                fh.write(raw)
-            os.replace(path + ".tmp", path)
+            _atomic(path, lambda tmp: Path(tmp).write_bytes(raw))
     with open(path, "rb") as fh:
         raw = fh.read()
     try:
@@ -274,8 +294,11 @@ def get_tokenizer(kind, text):
     """(encode, decode, vocab_size)."""
     if kind == "char":
         chars = sorted(set(text))
+        if len(chars) > 2**16:
+            fail(f"error: the text has {len(chars):,} distinct characters, and --tokenizer char stores token ids as "
+                 f"uint16 (at most 65,536): use --tokenizer gpt2", code=2)
         stoi = {c: i for i, c in enumerate(chars)}
-        return (lambda s: [stoi[c] for c in s if c in stoi]), (lambda ids: "".join(chars[i] for i in ids)), len(chars)
+        return (lambda s: [stoi[c] for c in s]), (lambda ids: "".join(chars[i] for i in ids)), len(chars)
     import tiktoken
 
     try:
@@ -287,28 +310,33 @@ def get_tokenizer(kind, text):
 
 
 def load_tokens(args, text, digest, encode):
-    """train/val token ids as uint16 memmaps, cached by text digest and tokenizer. Both splits
-    are checked before either is written to the cache."""
+    """train/val token ids as uint16 memmaps, cached by text digest and tokenizer. The cache's
+    meta.json records the digest and each split's length; a cache that does not match them
+    (truncated, of odd size, left half-written) is rebuilt. Both splits are checked before
+    either is written."""
     folder = os.path.join(args.cache_dir, f"tokens-{digest}-{args.tokenizer}")
+    meta_path = os.path.join(folder, "meta.json")
+    try:
+        with open(meta_path) as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError):
+        meta = {}
     n = int(0.9 * len(text))
-    ids = {}
+    ids, fresh = {}, meta.get("digest") != digest
     for name, part in (("train", text[:n]), ("val", text[n:])):
         path = os.path.join(folder, f"{name}.bin")
-        if os.path.exists(path):
-            ids[name] = np.memmap(path, dtype=np.uint16, mode="r")
-        else:
-            ids[name] = np.array(encode(part), dtype=np.uint16)
+        cached = not fresh and os.path.isfile(path) and os.path.getsize(path) == 2 * meta.get(name, -1) > 0
+        ids[name] = np.memmap(path, dtype=np.uint16, mode="r") if cached else np.array(encode(part), dtype=np.uint16)
+        fresh = fresh or not cached
         if len(ids[name]) <= args.block_size + 1:
             fail(f"the {name} split of the text has {len(ids[name])} tokens, fewer than --block-size "
                  f"{args.block_size} + 2: use a longer text or a smaller --block-size", code=2)
-    for name, arr in ids.items():
-        path = os.path.join(folder, f"{name}.bin")
-        if not isinstance(arr, np.memmap):
-            os.makedirs(folder, exist_ok=True)
-            arr.tofile(path + ".tmp")
-            os.replace(path + ".tmp", path)
-            ids[name] = np.memmap(path, dtype=np.uint16, mode="r")
-    return ids
+    if fresh:
+        os.makedirs(folder, exist_ok=True)
+        for name, arr in ids.items():
+            _atomic(os.path.join(folder, f"{name}.bin"), arr.tofile)
+        atomic_json(dict(digest=digest, **{name: len(arr) for name, arr in ids.items()}), meta_path)
+    return {name: np.memmap(os.path.join(folder, f"{name}.bin"), dtype=np.uint16, mode="r") for name in ids}
 
 
 def get_batch(data, args, gen):
@@ -435,14 +463,45 @@ def autocast_for(args):
 
 
 def atomic_save(obj, path):
-    """Write to a temporary file, then rename: a crash never leaves a half-written file."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """Write to a temporary file, then rename: a crash never leaves a half-written file, and an
+    interrupted write leaves no temporary one."""
+    _atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_copy(src, dst):
-    shutil.copyfile(src, dst + ".tmp")
-    os.replace(dst + ".tmp", dst)
+    _atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def atomic_json(obj, path):
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=1)
+    _atomic(path, write)
+
+
+def _atomic(path, write):
+    try:
+        write(path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except BaseException:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise
+
+
+def read_summary(path):
+    """summary.json as a dict ({} if there is none); an unreadable one stops the run before it
+    does anything, so that nothing is lost by writing over it."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as fh:
+            summary = json.load(fh)
+        if isinstance(summary, dict):
+            return summary
+    except (OSError, ValueError):
+        pass
+    fail(f"error: {path} is not a readable summary (JSON object): move it away or repair it, then run again", code=2)
 
 
 def load_checkpoint(path):
@@ -459,9 +518,18 @@ def load_checkpoint(path):
         raise
     except Exception as e:  # truncated, not a zip, unpickling error: all mean the same to a user
         damaged(path, f"it cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    if not isinstance(ckpt, dict):
+        damaged(path, f"it holds a {type(ckpt).__name__}, not a checkpoint")
     missing = [k for k in ("model", "optimizer", "config", "args", "iter_num") if k not in ckpt]
     if missing:
         damaged(path, f"it lacks {', '.join(missing)}")
+    kinds = dict(model=dict, optimizer=dict, config=dict, args=dict, iter_num=int)
+    wrong = [k for k, kind in kinds.items() if not isinstance(ckpt[k], kind)]
+    if not wrong and not all(isinstance(t, torch.Tensor) for t in ckpt["model"].values()):
+        wrong = ["model"]
+    if wrong:
+        damaged(path, f"its {', '.join(wrong)} entr{'y is' if len(wrong) == 1 else 'ies are'} not what a "
+                      f"checkpoint holds")
     for name, t in list(ckpt["model"].items()) + list(_optimizer_tensors(ckpt["optimizer"])):
         if t.is_floating_point() and not torch.isfinite(t).all():
             damaged(path, f"{name} holds non-finite values")
@@ -470,7 +538,7 @@ def load_checkpoint(path):
 
 def _optimizer_tensors(state):
     for i, s in state.get("state", {}).items():
-        for k, t in s.items():
+        for k, t in (s.items() if isinstance(s, dict) else ()):
             if isinstance(t, torch.Tensor):
                 yield f"optimizer state {k} of parameter {i}", t
 
@@ -479,7 +547,7 @@ def damaged(path, why):
     folder = os.path.dirname(path) or "."
     others = [os.path.join(folder, n) for n in ("ckpt.pt", "best.pt")
               if os.path.join(folder, n) != path and os.path.isfile(os.path.join(folder, n))]
-    hint = f" Try the other checkpoint: --resume {others[0]}" if others else ""
+    hint = f" Try the other checkpoint: --resume {others[0]} --out-dir NEW_FOLDER" if others else ""
     fail(f"checkpoint {path} is damaged: {why}.{hint}")
 
 
@@ -578,8 +646,57 @@ def print_context_table(losses, tail=256):
 # training
 
 
+def check_prompt(args, encode, text):
+    """The sample's prompt as token ids: one line and exit code 2 if the tokenizer cannot encode a
+    given --prompt. The default prompt, 'ROMEO:', falls back to the text's first character."""
+    if args.sample_tokens == 0:
+        return None
+    if "prompt" not in args.given:
+        try:
+            encode(args.prompt)
+        except KeyError:
+            args.prompt = text[:1]
+    try:
+        ids = encode(args.prompt)
+    except KeyError as e:
+        fail(f"error: --prompt {args.prompt!r} has the character {e.args[0]!r}, which the text (and so --tokenizer "
+             f"char) does not have: use characters of the text", code=2)
+    if not ids:
+        fail("error: --prompt is empty: give the sample at least one character to start from (or --sample-tokens 0)",
+             code=2)
+    return ids
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM; signum says which, so that SIGTERM can end the process after the save."""
+
+    def __init__(self, signum):
+        super().__init__()
+        self.signum = signum
+
+
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+    raise Interrupted(signum)
+
+
+def _quiet_signals():
+    """Ignore Ctrl-C and SIGTERM while the run saves itself (a second press must not cut a save);
+    returns what restores them."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    return lambda: [signal.signal(s, h) for s, h in saved.items()]
+
+
+def ended_by(e, previous_sigterm):
+    """Leave after an interrupt: exit 130 for Ctrl-C; for SIGTERM, hand the signal to whoever
+    handled it before this run (a test runner, a scheduler), else exit 143."""
+    if getattr(e, "signum", None) == signal.SIGTERM and callable(previous_sigterm):
+        previous_sigterm(signal.SIGTERM, None)
+    elif getattr(e, "signum", None) == signal.SIGTERM and previous_sigterm == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+    raise SystemExit(143 if getattr(e, "signum", None) == signal.SIGTERM else 130)
 
 
 def train(args):
@@ -588,25 +705,32 @@ def train(args):
     best_path = os.path.join(args.out_dir, "best.pt")
     summary_path = os.path.join(args.out_dir, "summary.json")
     ckpt, changes = None, []
-    if args.resume is not None:
-        resume_path = args.resume or ckpt_path
-        if not os.path.isfile(resume_path):
-            fail(f"error: --resume: no checkpoint at {resume_path}", code=2)
+    resume_path = None if args.resume is None else args.resume or ckpt_path
+    if resume_path is not None and not os.path.isfile(resume_path):
+        fail(f"error: --resume: no checkpoint at {resume_path}", code=2)
+    # OUT_DIR's files belong to one run: only that run's own continuation may write over them
+    present = [p for p in (ckpt_path, best_path, summary_path) if os.path.exists(p)]
+    continuing = resume_path is not None and os.path.realpath(resume_path) == os.path.realpath(ckpt_path)
+    if present and not continuing and not args.overwrite:
+        how = "continue it with --resume" if resume_path is None else f"resume {resume_path} into another --out-dir"
+        fail(f"error: {args.out_dir} holds a run ({', '.join(os.path.basename(p) for p in present)}): {how}, "
+             f"or pass --overwrite to replace it", code=2)
+    summary_kept = {} if args.overwrite else read_summary(summary_path)
+    if resume_path is not None:
         ckpt = load_checkpoint(resume_path)
         changes = merge_resume_args(args, ckpt, resume_path)
-    elif os.path.exists(ckpt_path) and not args.overwrite:
-        fail(f"error: {ckpt_path} exists: continue it with --resume, or pass another --out-dir "
-             f"(--overwrite replaces it)", code=2)
 
     torch.manual_seed(args.seed)
     if args.task == "recall":
         encode, decode, vocab_size, split, digest = None, None, RECALL_VOCAB, {"train": None, "val": None}, "recall"
+        prompt_ids = None
     else:
         text, digest = read_text(args)
         encode, decode, vocab_size = get_tokenizer(args.tokenizer, text)
         if ckpt is not None and ckpt.get("data_digest", digest) != digest:
             fail(f"error: the text read ({args.data or 'tiny Shakespeare'}, sha1 {digest}) is not the one "
-                 f"{args.resume or ckpt_path} was trained on (sha1 {ckpt['data_digest']}): pass its --data", code=2)
+                 f"{resume_path} was trained on (sha1 {ckpt['data_digest']}): pass its --data", code=2)
+        prompt_ids = check_prompt(args, encode, text)
         split = load_tokens(args, text, digest, encode)
         print(f"data: {len(split['train']):,} train and {len(split['val']):,} val tokens ({args.tokenizer})")
 
@@ -617,16 +741,19 @@ def train(args):
               history=[], train_tokens=0, train_time=0.0, wall_s=0.0, skipped_updates=0)
     if ckpt is not None:
         if TrellisConfig(**ckpt["config"]) != replace(cfg, impl=ckpt["config"]["impl"]):
-            fail(f"error: {args.resume or ckpt_path} holds a model that the flags do not rebuild", code=2)
-        load_weights(model, ckpt, args.resume or ckpt_path)
+            fail(f"error: {resume_path} holds a model that the flags do not rebuild", code=2)
+        load_weights(model, ckpt, resume_path)
         opt.load_state_dict(ckpt["optimizer"])
         st.update({k: ckpt[k] for k in st if k in ckpt})
-        print(f"resumed from {args.resume or ckpt_path} at iter {st['iter_num']} "
+        print(f"resumed from {resume_path} at iter {st['iter_num']} "
               f"(best val loss {st['best_val_loss']:.4f})")
         for c in changes:
             print(f"resume: changed {c}")
         del ckpt
     os.makedirs(args.out_dir, exist_ok=True)  # every check has passed: from here on, files are written
+    if args.overwrite:  # the replaced run's files go now, so that none of them is mistaken for this run's
+        for p in present:
+            os.remove(p)
     print(f"model: {cfg.mixer}, {model.num_params() / 1e6:.2f}M parameters "
           f"({model.num_params(non_embedding=True) / 1e6:.2f}M without embeddings)")
     if cfg.mixer == "trellis" and cfg.impl == "auto" and args.device.startswith("cuda"):
@@ -652,9 +779,9 @@ def train(args):
                  train_tokens_per_s=st["train_tokens"] / max(st["train_time"], 1e-9),
                  skipped_updates=st["skipped_updates"], params=model.num_params(), device=args.device,
                  **(extra or {}))
-        with open(summary_path + ".tmp", "w") as fh:
-            json.dump(s, fh, indent=1)
-        os.replace(summary_path + ".tmp", summary_path)
+        if "context_losses_from" in summary_kept:  # written by --eval-from: this run keeps it
+            s["context_losses_from"] = summary_kept["context_losses_from"]
+        atomic_json(s, summary_path)
         return s
 
     def evaluate_and_save():
@@ -679,7 +806,6 @@ def train(args):
             "No checkpoint was written yet: start again with a lower --lr."
         fail(f"{msg} at iter {st['iter_num']}; stopping. {where}")
 
-    tokens_per_iter = args.batch_size * args.block_size
     gen = torch.Generator().manual_seed(args.seed + st["iter_num"])  # a resumed run draws fresh batches
     bad_grads = 0  # consecutive updates skipped for a non-finite gradient
     stopped_early = False
@@ -734,42 +860,58 @@ def train(args):
             if it % args.log_interval == 0:
                 print(f"iter {it}: loss {loss.item():.4f}, grad norm {grad_norm.item():.3g}, "
                       f"lr {lr_at(it - 1, args):.2e}, {dt * 1e3:.1f} ms/iter, {x.numel() / dt:,.0f} tok/s")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        restore = _quiet_signals()
         save(ckpt_path)
         if st["best_iter"] == st["iter_num"] == st["last_eval"]:  # the copy to best.pt may have been cut short
             atomic_copy(ckpt_path, best_path)
         write_summary()
         print(f"\ninterrupted at iter {st['iter_num']}; saved {ckpt_path} (continue with --resume)")
-        raise SystemExit(130)
+        restore()
+        ended_by(e, previous_sigterm if main_thread else None)
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous_sigterm)
 
     # the end of the run: the best weights, not the last ones
     extra = dict(stopped_early=stopped_early)
-    if os.path.exists(best_path):
-        model.load_state_dict(load_checkpoint(best_path)["model"])
-        print(f"loaded the best weights: val loss {st['best_val_loss']:.4f} at iter {st['best_iter']} ({best_path})")
-    if args.task == "recall":
-        extra["recall_accuracy"] = recall_accuracy(model, args, ctx)
-        print("recall accuracy by pairs: " + ", ".join(f"{n}: {a:.3f}" for n, a in extra["recall_accuracy"].items()))
-    else:
-        if args.eval_exact and cfg.mixer == "trellis" and cfg.sweeps < cfg.chunk_size - 1:
-            exact = TrellisLM(replace(cfg, sweeps=cfg.chunk_size - 1)).to(args.device)  # the same weights, read exactly
-            exact.load_state_dict(model.state_dict())
-            extra["val_loss_exact"] = estimate_loss(exact, {"val": split["val"]}, args, ctx)["val"]
-            print(f"val loss of the best model under the exact recurrence: {extra['val_loss_exact']:.4f}")
-            del exact
-        if args.eval_contexts is not None:
-            extra["context_losses"] = context_losses(model, split["val"], args.eval_contexts_list, args, ctx)
-            print_context_table(extra["context_losses"])
-        if args.sample_tokens > 0:
-            model.eval()
-            prompt = torch.tensor([encode(args.prompt) or [0]], device=args.device)
-            with ctx:
-                out = model.generate(prompt, args.sample_tokens, temperature=0.8, top_k=50)
-            extra["sample"] = decode(out[0].tolist())
-            print("sample (best weights):\n" + extra["sample"])
+    previous_sigterm = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    try:  # the checkpoints are complete: an interrupt here keeps them and what was evaluated
+        if os.path.exists(best_path):
+            model.load_state_dict(load_checkpoint(best_path)["model"])
+            print(f"loaded the best weights: val loss {st['best_val_loss']:.4f} at iter {st['best_iter']} "
+                  f"({best_path})")
+        if args.task == "recall":
+            extra["recall_accuracy"] = recall_accuracy(model, args, ctx)
+            accuracy = extra["recall_accuracy"]
+            print("recall accuracy by pairs: " + ", ".join(f"{n}: {a:.3f}" for n, a in accuracy.items()))
+        else:
+            if args.eval_exact and cfg.mixer == "trellis" and cfg.sweeps < cfg.chunk_size - 1:
+                # the same weights, read exactly
+                exact = TrellisLM(replace(cfg, sweeps=cfg.chunk_size - 1)).to(args.device)
+                exact.load_state_dict(model.state_dict())
+                extra["val_loss_exact"] = estimate_loss(exact, {"val": split["val"]}, args, ctx)["val"]
+                print(f"val loss of the best model under the exact recurrence: {extra['val_loss_exact']:.4f}")
+                del exact
+            if args.eval_contexts is not None:
+                extra["context_losses"] = context_losses(model, split["val"], args.eval_contexts_list, args, ctx)
+                print_context_table(extra["context_losses"])
+            if args.sample_tokens > 0:
+                model.eval()
+                prompt = torch.tensor([prompt_ids], device=args.device)
+                with ctx:
+                    out = model.generate(prompt, args.sample_tokens, temperature=0.8, top_k=50)
+                extra["sample"] = decode(out[0].tolist())
+                print("sample (best weights):\n" + extra["sample"])
+    except KeyboardInterrupt as e:
+        restore = _quiet_signals()
+        write_summary(dict(extra, interrupted_at_end=True))
+        print(f"\ninterrupted after training; the checkpoints and {summary_path} are complete")
+        restore()
+        ended_by(e, previous_sigterm)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     summary = write_summary(extra)
     print(f"done: best val loss {st['best_val_loss']:.4f} at iter {st['best_iter']}, {summary['wall_s']:.1f} s, "
           f"{summary['train_tokens_per_s']:,.0f} train tok/s")
@@ -782,6 +924,8 @@ def eval_from(args):
     if not os.path.isfile(args.eval_from):
         fail(f"error: --eval-from: no checkpoint at {args.eval_from}", code=2)
     ckpt = load_checkpoint(args.eval_from)
+    summary_path = os.path.join(os.path.dirname(args.eval_from) or ".", "summary.json")
+    read_summary(summary_path)  # before the evaluation: a summary it could not be added to stops the run now
     saved = ckpt["args"]
     if saved.get("task", "text") != "text":
         fail(f"error: {args.eval_from} was trained on --task {saved['task']}; --eval-contexts needs a text model",
@@ -802,15 +946,11 @@ def eval_from(args):
     losses = context_losses(model, split["val"], args.eval_contexts_list, args, autocast_for(args))
     print(f"{args.eval_from}: {cfg.mixer}, trained at context {saved.get('block_size')}")
     print_context_table(losses)
-    folder = os.path.dirname(args.eval_from) or "."
-    path = os.path.join(folder, "summary.json")
-    summary = json.load(open(path)) if os.path.isfile(path) else {}
+    summary = read_summary(summary_path)
     summary.setdefault("context_losses_from", {})[os.path.basename(args.eval_from)] = {
         str(T): r for T, r in losses.items()}
-    with open(path + ".tmp", "w") as fh:
-        json.dump(summary, fh, indent=1)
-    os.replace(path + ".tmp", path)
-    print(f"written to {path}")
+    atomic_json(summary, summary_path)
+    print(f"written to {summary_path}")
     return losses
 
 
