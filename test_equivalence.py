@@ -232,6 +232,41 @@ def test_sweeps_make_rows_exact_one_at_a_time(p, phi):
         assert_close(got[:, : n + 1], exact[:, : n + 1], 1e-9, f"rows <= {n} after {n} sweeps")
 
 
+@given(seed=st.integers(0, 2**31 - 1), m=st.integers(2, 9), scale=st.sampled_from([0.0, 0.1, 1.0, 10.0]),
+       phi=st.sampled_from(PHIS))
+def test_code_vjp_equals_autograd(seed, m, scale, phi):
+    """code_vjp, the closed-form product J_code^T du of trellis.py's backward (B3), equals
+    autograd through error_code, at z = 0 (zero variance) and at large z too."""
+    g = torch.Generator().manual_seed(seed)
+    z = (scale * torch.randn(3, m, generator=g, dtype=torch.float64)).requires_grad_(True)
+    a = torch.randn(3, m, generator=g, dtype=torch.float64, requires_grad=True)
+    du = torch.randn(3, m, generator=g, dtype=torch.float64)
+    want = torch.autograd.grad(tr.error_code(phi, z, a, 0.3), (z, a), du)
+    got = tr.code_vjp(phi, z.detach(), a.detach(), du, 0.3)
+    assert_all_close(got, want, 1e-12, ["dz", "da"])
+
+
+@given(p=problems(max_T=14), C=st.integers(1, 6), phi=st.sampled_from(PHIS), read=st.sampled_from(["q", "r"]),
+       exact=st.booleans())
+def test_backward_derivation_equals_autograd(p, C, phi, read, exact):
+    """pass_chunked_grads, trellis.py's derivation of the backward (B1-B6) in PyTorch, equals
+    autograd of pass_chunked for one pass: every input's gradient, with a gradient arriving at
+    the reads and at the final memory, both rules, gates at extremes."""
+    q, W, _, alpha, beta, gamma, S0, _ = make_inputs(p)  # the key pass: W = k, S0 = K0
+    q, W, alpha, beta, gamma = (t.transpose(1, 2) for t in (q, W, alpha, beta, gamma))  # [B,H,T,*], [B,H,T]
+    X = q if read == "q" else torch.randn(alpha.shape, generator=torch.Generator().manual_seed(p.seed),
+                                          dtype=alpha.dtype)
+    ins = [t.clone().requires_grad_(True) for t in (W, alpha, beta, gamma, S0, X)]
+    sweeps = C - 1 if exact else 0
+    Y, S = tr.pass_chunked(*ins[:5], ins[5], read, phi, 0.5, chunk_size=C, sweeps=sweeps)
+    g = torch.Generator().manual_seed(p.seed + 1)
+    dY, dS = torch.randn(Y.shape, generator=g, dtype=Y.dtype), torch.randn(S.shape, generator=g, dtype=S.dtype)
+    want = list(torch.autograd.grad((Y * dY).sum() + (S * dS).sum(), ins))
+    want[2] = want[2] * beta  # the gradient w.r.t. log beta (see outputs_and_grads)
+    got = tr.pass_chunked_grads(W, alpha, beta, gamma, S0, X, read, phi, 0.5, C, exact, dY, dS)
+    assert_all_close(got, want, 1e-9, ["dW", "dA", "dlogbeta", "dgamma", "dS0", "dX"])
+
+
 # -----------------------------------------------------------------------------
 # 4. the operator: causality, state carry, gradients, extremes, autocast, bad input
 

@@ -301,6 +301,166 @@ def pass_chunked(W, A, beta, gamma, S, X, read, phi, phi_eps, chunk_size=64, swe
 
 
 # -----------------------------------------------------------------------------
+# 3b. The backward of the chunked form
+#
+# Training differentiates through everything, the codes' dependence on the memory included.
+# PyTorch's autograd does this for pass_chunked; kernel.py does it by hand, and this section is
+# the derivation it implements, for one chunk of one pass (rows i = 1..c, start memory S).
+# The forward, labelled:
+#
+#   (F1) Z = W S^T                       (exact rule: Z = Z0 - L Ubar, section 3)
+#   (F2) Ubar = diag(gamma) u,  u = code(Z, A)
+#   (F3) b = cumsum(log beta),  Gam_ij = e^{b_i - b_j} (j <= i),  to_end_i = e^{b_c - b_i}
+#   (F4) read with q:  Yhat = diag(e^b) Q S^T - (P . Gam) Ubar,  P = Q W^T
+#        read with r:  O    = diag(e^b) R S   - (P . Gam) W,     P = R Ubar^T
+#   (F5) S' = e^{b_c} S - (Ubar . to_end)^T W
+#
+# Given dY (the loss's gradient w.r.t. the chunk's reads) and dS' (w.r.t. its end memory),
+# the chunk's gradients follow F5 .. F1 backwards. dP is the gradient w.r.t. P, and
+# G = dP . P the one w.r.t. Gam times Gam (its b_i - b_j exponent):
+#
+#   (B1) the reads (no dS' needed: every chunk in parallel once S and Ubar are stored)
+#        q:  dP = -(dY Ubar^T) . Gam,  dQ = diag(e^b) dY S + dP W,   dW = dP^T Q,
+#            dUbar = -(P . Gam)^T dY,  dS_read = (diag(e^b) dY)^T Q,  db_i = e^{b_i} <dY_i, (Q S^T)_i>
+#        r:  dP = -(dY W^T) . Gam,     dR = diag(e^b) dY S^T + dP Ubar, dUbar = dP^T R,
+#            dW = -(P . Gam)^T dY,     dS_read = (diag(e^b) R)^T dY,  db_i = e^{b_i} <dY_i, (R S)_i>
+#        and for both  db_i += sum_j G_ij - sum_j G_ji
+#   (B2) the end memory:  dUbar -= to_end . (W dS'^T),  dW -= (Ubar . to_end) dS',
+#        db_i -= gd_i and db_c += e^{b_c} <dS', S> + sum_i gd_i,  gd_i = -to_end_i <Ubar_i, (W dS'^T)_i>
+#   (B3) the code:  dgamma_i = <dUbar_i, u_i>,  (dZ, dA) = J_code(Z, A)^T (gamma . dUbar)  (code_vjp)
+#   (B4) the memory through Z = W S^T:  dW += dZ S, and the step from chunk to chunk
+#            dS = e^{b_c} dS' + dS_read + dZ^T W
+#        The last term is the codes' dependence on the memory: a first-order shortcut drops
+#        it and no longer computes the gradient of the function the forward computes.
+#   (B5) d log beta_j = sum_{i >= j} db_i, a reverse cumulative sum (b_i = sum_{j<=i} log beta_j)
+#   (B6) the exact rule, Z = Z0 - L Ubar(Z) at its fixed point. With dUbar from B1-B2 (every
+#        use of Ubar but the one in Z), the gradient w.r.t. Z solves
+#            dZ = J_code^T (gamma . (dUbar - L^T dZ)),
+#        L^T strictly upper triangular: sweeps from dZ = 0 make one more row exact each, last
+#        row first, and c sweeps solve it. B3's dgamma and dA then take dUbar - L^T dZ, and
+#        Z0 = diag(e^{b_prev}) W S^T and L = (W W^T) . Gam_prev carry dZ on:
+#            dS += (diag(e^{b_prev}) dZ)^T W,  dW += diag(e^{b_prev}) dZ S + (dL' + dL'^T) W,
+#            dL = -dZ Ubar^T,  dL' = dL . Gam_prev,  db_prev_i = e^{b_prev_i} <dZ_i, (W S^T)_i>
+#              + sum_j (dL . L)_ij,  db_j -= sum_i (dL . L)_ij,
+#        and b_prev = b - log beta sends db_prev to b and its negative to log beta directly.
+#
+# code_vjp is B3's product for each phi. For normalized SiLU (section 1: s = silu(z), s1 its
+# derivative, s2 the second, y = LayerNorm(s) with standard deviation sd, e = y - a,
+# h = J_y e, u = s1 . h, and J_y v = (v - mean(v) - y mean(y v)) / sd symmetric), with
+# p = du . s1 the gradient reaching h:
+#
+#     da = -J_y p
+#     dy = J_y p - (p mean(e y) + e mean(p y)) / sd     (y enters e and the term y mean(e y))
+#     d sd = -<p, h> / sd                                 (h's explicit 1 / sd)
+#     ds = J_y dy + d sd * y / m                          (d sd / ds = y / m)
+#     dz = s1 . ds + s2 . h . du
+#
+# kernel.py's _code_vjp expands this into three row sums of du (mean(p), mean(p y) and
+# mean(du u)), using the LayerNorm's mean(y) = 0 and mean(y^2) = 1 - eps / sd^2.
+
+
+def code_vjp(phi, z, a, du, eps):
+    """(dz, da) = J_code(z, a)^T du for u = error_code(phi, z, a, eps) (B3)."""
+    if phi == "identity":
+        return du, -du
+    sg = torch.sigmoid(z)
+    s, s1 = z * sg, silu_prime(z)
+    s2 = sg * (1 - sg) * (2 + z * (1 - 2 * sg))  # silu''(z)
+    if phi == "silu":
+        return du * (s2 * (s - a) + s1 * s1), -du * s1
+
+    def mean(t):
+        return t.mean(-1, keepdim=True)
+
+    sd = torch.sqrt(mean((s - mean(s)) ** 2) + eps)
+    y = (s - mean(s)) / sd
+
+    def J(t):  # J_y t
+        return (t - mean(t) - y * mean(y * t)) / sd
+
+    e = y - a
+    h = J(e)
+    p = du * s1
+    dy = J(p) - (p * mean(e * y) + e * mean(p * y)) / sd
+    d_sd = -(p * h).sum(-1, keepdim=True) / sd
+    ds = J(dy) + d_sd * y / z.shape[-1]
+    return s1 * ds + s2 * h * du, -J(p)
+
+
+def pass_chunked_grads(W, A, beta, gamma, S, X, read, phi, phi_eps, chunk_size, exact, dY, dS):
+    """The gradients of pass_chunked (sweeps = 0, or exact) by B1-B6, in plain PyTorch: what the
+    kernel computes, written for reading and for the test against autograd. dY, dS: the loss's
+    gradient w.r.t. the pass's reads and final memory. Returns dW, dA, d log beta, dgamma, dS0, dX."""
+    log_beta = torch.log(beta)
+    spans = [(t0, min(t0 + chunk_size, W.shape[2])) for t0 in range(0, W.shape[2], chunk_size)]
+    saved = []  # the forward again, keeping each chunk's start memory, Z and codes
+    for t0, t1 in spans:
+        w, a, g, b = W[:, :, t0:t1], A[:, :, t0:t1], gamma[:, :, t0:t1, None], log_beta[:, :, t0:t1].cumsum(-1)
+        Z = w @ S.transpose(-1, -2)  # F1
+        u = error_code(phi, Z, a, phi_eps)
+        if exact:  # section 3's sweeps, all c - 1 of them
+            low = torch.ones(t1 - t0, t1 - t0, dtype=torch.bool, device=W.device).tril(-1)
+            L = (w @ w.transpose(-1, -2)) * _decay_matrix(b - log_beta[:, :, t0:t1], b, low)
+            Z0 = torch.exp(b - log_beta[:, :, t0:t1])[..., None] * Z
+            for _ in range(t1 - t0 - 1):
+                Z = Z0 - L @ (g * u)
+                u = error_code(phi, Z, a, phi_eps)
+        saved.append((S, Z, u))
+        to_end = torch.exp(b[..., -1:] - b)[..., None]
+        S = torch.exp(b[..., -1])[..., None, None] * S - (g * u * to_end).transpose(-1, -2) @ w  # F5
+    dW, dA, dlb, dg, dX = (torch.zeros_like(t) for t in (W, A, beta, gamma, X))
+    for (t0, t1), (S, Z, u) in reversed(list(zip(spans, saved))):
+        c = t1 - t0
+        w, a, x, dy = W[:, :, t0:t1], A[:, :, t0:t1], X[:, :, t0:t1], dY[:, :, t0:t1]
+        g, lb = gamma[:, :, t0:t1, None], log_beta[:, :, t0:t1]
+        U = g * u
+        b = lb.cumsum(-1)
+        eb, b_c = torch.exp(b)[..., None], b[..., -1]  # [B,H,c,1], [B,H]
+        Gam = _decay_matrix(b, b, torch.ones(c, c, dtype=torch.bool, device=W.device).tril())
+        to_end = torch.exp(b_c[..., None] - b)[..., None]  # [B,H,c,1]
+        if read == "q":  # B1
+            P = x @ w.transpose(-1, -2)
+            dP = -(dy @ U.transpose(-1, -2)) * Gam
+            dx, dw = eb * (dy @ S) + dP @ w, dP.transpose(-1, -2) @ x
+            dU, dS_read = -(P * Gam).transpose(-1, -2) @ dy, (eb * dy).transpose(-1, -2) @ x
+            db = eb[..., 0] * (dy * (x @ S.transpose(-1, -2))).sum(-1)
+        else:
+            P = x @ U.transpose(-1, -2)
+            dP = -(dy @ w.transpose(-1, -2)) * Gam
+            dx, dU = eb * (dy @ S.transpose(-1, -2)) + dP @ U, dP.transpose(-1, -2) @ x
+            dw, dS_read = -(P * Gam).transpose(-1, -2) @ dy, (eb * x).transpose(-1, -2) @ dy
+            db = eb[..., 0] * (dy * (x @ S)).sum(-1)
+        G = dP * P
+        db = db + G.sum(-1) - G.sum(-2)
+        WdS = w @ dS.transpose(-1, -2)  # B2
+        dU, dw = dU - to_end * WdS, dw - (U * to_end) @ dS
+        gd = -(U * WdS).sum(-1) * to_end[..., 0]
+        db = db - gd
+        db[..., -1] += torch.exp(b_c) * (dS * S).sum((-1, -2)) + gd.sum(-1)
+        dS = torch.exp(b_c)[..., None, None] * dS + dS_read  # B4, less the code's term
+        if exact:  # B6
+            b_prev = b - lb
+            Gam_prev = _decay_matrix(b_prev, b, torch.ones(c, c, dtype=torch.bool, device=W.device).tril(-1))
+            L = (w @ w.transpose(-1, -2)) * Gam_prev
+            dZ = torch.zeros_like(Z)
+            for _ in range(c):
+                dZ, da = code_vjp(phi, Z, a, g * (dU - L.transpose(-1, -2) @ dZ), phi_eps)
+            dU = dU - L.transpose(-1, -2) @ dZ
+            e_prev = torch.exp(b_prev)[..., None]
+            dL = -dZ @ U.transpose(-1, -2)
+            dS = dS + (e_prev * dZ).transpose(-1, -2) @ w
+            dw = dw + e_prev * (dZ @ S) + (dL * Gam_prev + (dL * Gam_prev).transpose(-1, -2)) @ w
+            db_prev = e_prev[..., 0] * (dZ * (w @ S.transpose(-1, -2))).sum(-1) + (dL * L).sum(-1)
+            db = db - (dL * L).sum(-2) + db_prev
+        else:  # B3, B4
+            dZ, da = code_vjp(phi, Z, a, g * dU, phi_eps)
+            dS, dw, db_prev = dS + dZ.transpose(-1, -2) @ w, dw + dZ @ S, 0
+        dg[:, :, t0:t1], dA[:, :, t0:t1], dW[:, :, t0:t1], dX[:, :, t0:t1] = (dU * u).sum(-1), da, dw, dx
+        dlb[:, :, t0:t1] = db.flip(-1).cumsum(-1).flip(-1) - db_prev  # B5
+    return dW, dA, dlb, dg, dS, dX
+
+
+# -----------------------------------------------------------------------------
 # 4. The two-pass operator
 #
 # trellis_op runs the key pass, f, then the value pass, in one of these implementations:
