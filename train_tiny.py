@@ -1021,16 +1021,22 @@ def bench_decode(args, steps=16, rounds=8):
 
                 graph, st = DecodeGraph(model, tok, state), state
                 rel = lambda a, b: ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()  # noqa: E731
-                errs = []
+                errs, toks, steps = [], [prompt], []
                 for _ in range(4):  # the graph against the eager step: same tokens, same start state
                     logits, _, st = model(tok, state=st)
-                    errs.append(rel(graph.step(tok), logits))
+                    steps.append(graph.step(tok).clone())
+                    errs.append(rel(steps[-1], logits))
+                    toks.append(tok)
                     tok = logits[:, -1:].argmax(-1)
                 errs += [rel(graph.state[i][k], st[i][k]) for i in range(len(st)) for k in st[i] if k != "pos"]
+                # and against one forward pass over the prompt and the 4 tokens: the function trained
+                full = model(torch.cat(toks, 1))[0][:, -4:]
+                forward_err = rel(torch.cat(steps, 1), full)
                 print(f"trellis+graph context {T}: max relative difference to the eager step "
-                      f"{max(errs):.1e} (logits and state, 4 steps)")
-                if not max(errs) <= 1e-2:
-                    fail(f"DecodeGraph disagrees with the eager step at context {T}: {max(errs):.3g}")
+                      f"{max(errs):.1e} (logits and state, 4 steps), to the forward {forward_err:.1e} (logits)")
+                if not max(errs) <= 1e-2 or not forward_err <= 5e-2:
+                    fail(f"DecodeGraph disagrees with the eager step or the forward at context {T}: "
+                         f"{max(errs):.3g}, {forward_err:.3g}")
                 runs[T] = [lambda tok, state, g=graph: (g.step(tok), None, g.state), tok, graph.state, []]
             else:
                 runs[T] = [lambda tok, state: model(tok, state=state), tok, state, []]
