@@ -806,9 +806,10 @@ def test_kernel_short_conv_equals_conv1d(seed, B, T, size, groups, norm, gap):
 def test_hopper_shared_memory_fits_the_accepted_sizes():
     """The largest sizes kernel.unsupported accepts (d, m <= 64 at C = 64; up to 128 at C = 32;
     m = 256 with d = 64 at C = 16) fit an H100's shared memory, in both rules and at every warp
-    count kernel.default_warps picks, compiled for sm_90
-    by Triton's bundled ptxas (no GPU needed); the smallest size it refuses at C = 64 would not
-    fit; m over 256, or over 128 beside C > 16 or d > 64, is refused."""
+    count kernel.default_warps picks, compiled for sm_90 by Triton's bundled ptxas (no GPU
+    needed) with fp32 inputs (bf16 inputs take the same or less: their input tiles are half the
+    size); the smallest size it refuses at C = 64 would not fit; m over 256, or over 128 beside
+    C > 16 or d > 64, is refused. The sizes compile in two processes, one a core."""
     import subprocess
     import sys
 
@@ -817,12 +818,16 @@ def test_hopper_shared_memory_fits_the_accepted_sizes():
     sizes = [(64, 64, 64, False, None), (64, 64, 64, True, None),
              (32, 128, 128, False, None), (32, 128, 128, True, None),
              (16, 256, 64, False, None), (16, 256, 64, True, None), (64, 128, 64, False, None)]
-    script = ("import json, kernel; print(json.dumps([max(max(kernel.shared_memory(C, m, d, exact=e, num_warps=w, "
-              f"dtype=t).values()) for t in ('fp32', 'bf16')) for C, m, d, e, w in {sizes!r}]))")
-    run = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TRITON_INTERPRET": "0"},
-                         capture_output=True, text=True, timeout=900, cwd=os.path.dirname(os.path.abspath(__file__)))
-    assert run.returncode == 0, run.stderr[-2000:]
-    *accepted, refused = json.loads(run.stdout.strip().splitlines()[-1])
+    halves = [sizes[0::2], sizes[1::2]]
+    runs = [subprocess.Popen([sys.executable, "-c", "import json, kernel; print(json.dumps([max(kernel.shared_memory("
+                              f"C, m, d, exact=e, num_warps=w).values()) for C, m, d, e, w in {part!r}]))"],
+                             env={**os.environ, "TRITON_INTERPRET": "0"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=os.path.dirname(os.path.abspath(__file__))) for part in halves]
+    out = [run.communicate(timeout=900) for run in runs]
+    assert all(run.returncode == 0 for run in runs), [err[-2000:] for _, err in out]
+    found = [json.loads(o.strip().splitlines()[-1]) for o, _ in out]
+    by_size = dict(zip(halves[0] + halves[1], found[0] + found[1]))
+    accepted, refused = [by_size[s] for s in sizes[:-1]], by_size[sizes[-1]]
     assert max(accepted) <= kernel.H100_SHARED_MEMORY < refused
     probe = lambda d, m: tuple(torch.empty(1, 1, 1, n, device=KERNEL_DEVICE) for n in (d, d, m))  # noqa: E731
     assert kernel.unsupported(*probe(64, 64), "norm_silu", "norm_silu", 64, 0) is None
