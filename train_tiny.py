@@ -1021,17 +1021,17 @@ def bench_decode(args, steps=16, rounds=8):
 
                 graph, st = DecodeGraph(model, tok, state), state
                 rel = lambda a, b: ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()  # noqa: E731
-                errs, toks, steps = [], [prompt], []
+                errs, toks, graphed = [], [prompt], []
                 for _ in range(4):  # the graph against the eager step: same tokens, same start state
                     logits, _, st = model(tok, state=st)
-                    steps.append(graph.step(tok).clone())
-                    errs.append(rel(steps[-1], logits))
+                    graphed.append(graph.step(tok).clone())
+                    errs.append(rel(graphed[-1], logits))
                     toks.append(tok)
                     tok = logits[:, -1:].argmax(-1)
                 errs += [rel(graph.state[i][k], st[i][k]) for i in range(len(st)) for k in st[i] if k != "pos"]
                 # and against one forward pass over the prompt and the 4 tokens: the function trained
                 full = model(torch.cat(toks, 1))[0][:, -4:]
-                forward_err = rel(torch.cat(steps, 1), full)
+                forward_err = rel(torch.cat(graphed, 1), full)
                 print(f"trellis+graph context {T}: max relative difference to the eager step "
                       f"{max(errs):.1e} (logits and state, 4 steps), to the forward {forward_err:.1e} (logits)")
                 if not max(errs) <= 1e-2 or not forward_err <= 5e-2:
