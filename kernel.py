@@ -11,7 +11,6 @@ chunks in parallel from the stored chunk-start memories (trellis.py, sections 3 
 
     forward   _state_fwd_kernel   grid (B*H, 2 passes), chunks in order:
                                   Z = W S^T, U = gamma code(Z, A), S <- e^{b_c} S - (U . to_end)^T W
-                                  (and, for a backward in one run, the code's row statistics)
               _read_fwd_kernel    grid (chunks, B*H):
                                   Yhat = e^b q K^T - ((q k^T) . Gam) Uk,  R = f(Yhat),
                                   O = e^b R V - ((R Uv^T) . Gam) v
@@ -35,7 +34,6 @@ Legend: kernel names -> trellis.py's symbols (one head, one chunk of C rows)
     SK, SV               each chunk's start memory  [B, H, NC, m, d] (stored by the forward)
     UK, UV               U = Ubar of each pass      [B, T, H, m]
     YK                   yhat, the key pass's read  [B, T, H, m]
-    NK, NV               the code's row statistics  [B, T, H, 4] (mu, rsd, mean(e), mean(e y); one run)
     PT, PR               the code's terms of a run  [2 passes, B*H, chunks, 4, C, m | C] (runs)
     PL                   the exact rule's L of a run [2 passes, B*H, chunks, C, C] (runs)
     d<name>              the gradient of the loss w.r.t. <name>; dSK, dSV: the reads' share per chunk,
@@ -55,7 +53,7 @@ Legend: kernel names -> trellis.py's symbols (one head, one chunk of C rows)
     mm, tm               masks: real slots (m may be padded to a power of 2), real times (T % C)
   launch constants
     C0, NCS              a run of chunks: its first chunk and its length (the backward in runs)
-    STATS, PREP          the forward stores the row statistics / the walk reads _code_prep_kernel's terms
+    PREP                 the walk reads _code_prep_kernel's terms
     EVEN                 d_k = d_v and m equal their power-of-two blocks: sizes compiled in
 
 The layer's short convolution (causal depthwise conv + SiLU, and each head's unit norm for q and
@@ -130,9 +128,7 @@ def _norm_stats(s, mm, M, EPS: tl.constexpr):
 @triton.jit
 def _code_stats(z, a, mm, M, EPS: tl.constexpr):
     """Normalized SiLU's code u = J_phi(z)ᵀ (phi(z) - a) with its row statistics: the LayerNorm's
-    mean mu and 1 / sd rsd, and of e = y - a (y the normalized row) mean(e) and mean(e y). The
-    forward walk stores the statistics, so that the backward walk rebuilds the code's terms slot
-    by slot (_code_terms), without the six row sums."""
+    mean mu and 1 / sd rsd, and of e = y - a (y the normalized row) mean(e) and mean(e y)."""
     s, s1, _ = _silu_parts(z)
     y, rsd, mu = _norm_stats(s, mm, M, EPS)
     e = tl.where(mm, y - a, 0.0)
@@ -142,20 +138,22 @@ def _code_stats(z, a, mm, M, EPS: tl.constexpr):
 
 
 @triton.jit
-def _code_terms(z, a, mu, rsd, me, ey, mm, PHI: tl.constexpr, EPS: tl.constexpr):
+def _code_lin(z, a, mm, M, PHI: tl.constexpr, EPS: tl.constexpr):
     """u = J_phi(z)ᵀ (phi(z) - a), and what its vector-Jacobian product (_code_vjp) needs that
-    does not depend on the incoming gradient: tiles k1, s1, y and, per row, rsd, c0, c1, c2; for
-    normalized SiLU from the row statistics of _code_stats (unused otherwise), with
-    mean(y) = 0 and mean(y²) = var rsd² = 1 - eps rsd²: slot by slot."""
+    does not depend on the incoming gradient: tiles k1, s1, y and, per row, rsd, c0, c1, c2
+    (normalized SiLU; from the row statistics with mean(y) = 0 and mean(y²) = 1 - eps rsd²)."""
     if PHI == 0:
         u = z - a
-        k1, s1, y, c0, c1, c2 = u, u, u, rsd, rsd, rsd  # placeholders, unused (and compiled away)
+        k1, s1, y, rsd = u, u, u, tl.sum(u, 1)  # placeholders, unused (and compiled away)
+        c0, c1, c2 = rsd, rsd, rsd
     elif PHI == 1:
         s, s1, s2 = _silu_parts(z)
         u = s1 * (s - a)
         k1 = s2 * (s - a) + s1 * s1  # du/dz, slot by slot
-        y, c0, c1, c2 = u, rsd, rsd, rsd  # placeholders, unused (and compiled away)
+        y, rsd = u, tl.sum(u, 1)  # placeholders, unused (and compiled away)
+        c0, c1, c2 = rsd, rsd, rsd
     else:
+        _, mu, rsd, me, ey = _code_stats(z, a, mm, M, EPS)
         s, s1, s2 = _silu_parts(z)
         y = tl.where(mm, s - mu[:, None], 0.0) * rsd[:, None]
         e = tl.where(mm, y - a, 0.0)
@@ -166,17 +164,6 @@ def _code_terms(z, a, mu, rsd, me, ey, mm, PHI: tl.constexpr, EPS: tl.constexpr)
         c2 = me
         k1 = h * s2 + ((rsd * rsd * c0)[:, None] * s1) * s1
     return tl.where(mm, u, 0.0), k1, s1, y, rsd, c0, c1, c2
-
-
-@triton.jit
-def _code_lin(z, a, mm, M, PHI: tl.constexpr, EPS: tl.constexpr):
-    """_code_terms at (z, a) with their row statistics computed here."""
-    if PHI == 2:
-        _, mu, rsd, me, ey = _code_stats(z, a, mm, M, EPS)
-    else:
-        mu = tl.sum(z, 1)  # placeholders, unused (and compiled away)
-        rsd, me, ey = mu, mu, mu
-    return _code_terms(z, a, mu, rsd, me, ey, mm, PHI, EPS)
 
 
 @triton.jit
@@ -471,22 +458,20 @@ def _exact_codes_bwd(L, a, g, dU, u, k1, s1, y, rsd, c0, c1, c2, mm, M, PHI: tl.
 
 
 @triton.jit
-def _state_fwd_kernel(k, v, al, LB, GM, K0, V0, SK, SV, UK, UV, NK, NV, KT, VT, T, H, NC,
+def _state_fwd_kernel(k, v, al, LB, GM, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC,
                       DK, DV, M, BD: tl.constexpr, BM: tl.constexpr,
                       C: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
-                      EXACT: tl.constexpr, STATS: tl.constexpr, EVEN: tl.constexpr):
+                      EXACT: tl.constexpr, EVEN: tl.constexpr):
     """Grid (B*H, 2 passes). Per chunk: Z = W Sᵀ (EXACT: the per-token z, _exact_codes_fwd),
     U = γ code(Z, α), S <- e^{b_C} S - (U ⊙ to_end)ᵀ W.
-    Stores each chunk's start state [B,H,NC,m,d] and U [B,T,H,m] for the parallel kernels, and
-    (STATS: normalized SiLU, the chunk-start rule, a backward without _code_prep_kernel) the
-    code's row statistics [B,T,H,4] for the backward walk (_code_stats)."""
+    Stores each chunk's start state [B,H,NC,m,d] and U [B,T,H,m] for the parallel kernels."""
     if EVEN:  # every size equals its block: strides, masks and divisors are known when compiling
         DK, DV, M = BD, BD, BM
     pid = tl.program_id(0)
     if tl.program_id(1) == 0:  # key pass: write vectors k, memory K
-        W, S0, SS, UU, NS, ST, D = k, K0, SK, UK, NK, KT, DK
+        W, S0, SS, UU, ST, D = k, K0, SK, UK, KT, DK
     else:  # value pass: write vectors v, memory V
-        W, S0, SS, UU, NS, ST, D = v, V0, SV, UV, NV, VT, DV
+        W, S0, SS, UU, ST, D = v, V0, SV, UV, VT, DV
     bi, h = pid // H, pid % H
     s_b, s_t = T * H, H  # contiguous [B,T,H,*]: row (b, t, h) starts at (b T H + t H + h) * width
     gb = bi * s_b + h  # gates [B,T,H]: (b, t, h) at gb + t * s_t
@@ -511,13 +496,6 @@ def _state_fwd_kernel(k, v, al, LB, GM, K0, V0, SK, SV, UK, UV, NK, NV, KT, VT, 
         if EXACT:
             b_prev, _, L = _exact_lower(w, b, lb, oc, PREC)
             U = _exact_codes_fwd(tl.exp(b_prev)[:, None] * Z, L, a, g, mm, M, PHI, EPS, C, PREC)
-        elif STATS:
-            u, mu, rsd, me, ey = _code_stats(Z, a, mm, M, EPS)
-            j = tl.arange(0, 4)[None, :]  # one [C, 4] store, in the layout the statistics already have
-            rows = tl.where(j == 0, mu[:, None], tl.where(j == 1, rsd[:, None], tl.where(j == 2, me[:, None],
-                                                                                          ey[:, None])))
-            tl.store(NS + (gb + t * s_t)[:, None] * 4 + j, rows, mask=tm[:, None])
-            U = g[:, None] * u
         else:
             U = g[:, None] * _code_fwd(Z, a, mm, M, PHI, EPS)
         tl.store(UU + rows_m, U, mask=mrow)
@@ -685,7 +663,7 @@ def _code_prep_kernel(k, v, al, LB, SK, SV, UK, UV, PT, PR, PL, T, H, NC, C0, NC
 
 
 @triton.jit
-def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, NK, NV, PT, PR, PL, UK, UV, dUK, dUV, dSK, dSV, dKT, dVT, dalK, dalV,
+def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, PT, PR, PL, UK, UV, dUK, dUV, dSK, dSV, dKT, dVT, dalK, dalV,
                       dgmK, dgmV, dK0, dV0, T, H, NC, C0, NCS,
                       DK, DV, M, BD: tl.constexpr, BM: tl.constexpr,
                       C: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
@@ -694,9 +672,8 @@ def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, NK, NV, PT, PR, PL, UK, UV, dUK,
     end), from dKT, dVT (the run's end) to dK0, dV0 (its start); only what the next dS needs:
     dS += dS_read of the next chunk (the reads of the chunk that starts from this end state),
     dU = dU_read - to_end ⊙ (W dSᵀ), (dZ, dα, dγ) through the code, dS <- e^{b_C} dS + dZᵀ W.
-    The code's terms at Z come from _code_prep_kernel (PREP; EXACT: with L, PL), or are rebuilt
-    slot by slot from Z = W Sᵀ and the forward's row statistics (NK, NV; normalized SiLU), or,
-    EXACT in one run, computed here at the forward's solution (from S and Ū, UK, UV).
+    The code's terms at Z come from _code_prep_kernel (PREP; EXACT: with L, PL), or, in one run,
+    are computed here (_code_lin) at Z = W Sᵀ or (EXACT) the forward's solution (from S and Ū).
     Adding the next chunk's dS_read at the top, where a dot uses it, lets the compiler prefetch
     it with the chunk's other loads. It overwrites the next chunk's dS_read with that dS (the
     gradient w.r.t. the next chunk's start state) and dU_read with dZ, for _state_grads_kernel.
@@ -707,9 +684,9 @@ def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, NK, NV, PT, PR, PL, UK, UV, dUK,
         DK, DV, M = BD, BD, BM
     pid = tl.program_id(0)
     if tl.program_id(1) == 0:
-        W, SS, NS, UU, dUU, dSR, dST, dal, dgm, dS0, D = k, SK, NK, UK, dUK, dSK, dKT, dalK, dgmK, dK0, DK
+        W, SS, UU, dUU, dSR, dST, dal, dgm, dS0, D = k, SK, UK, dUK, dSK, dKT, dalK, dgmK, dK0, DK
     else:
-        W, SS, NS, UU, dUU, dSR, dST, dal, dgm, dS0, D = v, SV, NV, UV, dUV, dSV, dVT, dalV, dgmV, dV0, DV
+        W, SS, UU, dUU, dSR, dST, dal, dgm, dS0, D = v, SV, UV, dUV, dSV, dVT, dalV, dgmV, dV0, DV
     bi, h = pid // H, pid % H
     s_b, s_t = T * H, H
     gb = bi * s_b + h
@@ -759,14 +736,7 @@ def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, NK, NV, PT, PR, PL, UK, UV, dUK,
             dZ, da, dgv = _exact_codes_bwd(L, a, g, dU, u, k1, s1, y, rsd, c0, c1, c2, mm, M, PHI, C, PREC)
         else:
             Z = _dot(w, tl.trans(tl.load(SS + (pid * NC + ci) * M * D + loc, mask=smask, other=0.0)), PREC)
-            if PHI == 2:
-                rows = (gb + t * s_t) * 4
-                mu, rsd = tl.load(NS + rows, mask=tm, other=0.0), tl.load(NS + rows + 1, mask=tm, other=0.0)
-                me, ey = tl.load(NS + rows + 2, mask=tm, other=0.0), tl.load(NS + rows + 3, mask=tm, other=0.0)
-            else:
-                mu = g  # placeholders, unused (and compiled away)
-                rsd, me, ey = g, g, g
-            u, k1, s1, y, rsd, c0, c1, c2 = _code_terms(Z, a, mu, rsd, me, ey, mm, PHI, EPS)
+            u, k1, s1, y, rsd, c0, c1, c2 = _code_lin(Z, a, mm, M, PHI, EPS)
             dZ, da, dgv = _code_vjp(dU, g, u, k1, s1, y, a, rsd, c0, c1, c2, mm, M, PHI)
         tl.store(dUU + rows_m, dZ, mask=mrow)
         tl.store(dal + rows_m, da, mask=mrow)
@@ -909,21 +879,18 @@ class TrellisChunkFn(torch.autograd.Function):
         UK, UV = torch.empty(alpha.shape, **f32), torch.empty(alpha.shape, **f32)  # Ubar = γ code(Z, α)
         spans = _runs(NC, runs)  # the backward's runs of chunks: (first chunk, count) each
         prepped = len(spans) > 1  # the backward runs _code_prep_kernel
-        stats = phi == "norm_silu" and not exact and not prepped
-        NK, NV = (torch.empty(B, T, H, 4 if stats else 0, **f32) for _ in range(2))  # the code's row statistics
         seq, par, grads, prep = _launch_config(DK, DV, M, C, phi, f, phi_eps, f_eps, exact, prec, num_warps)
-        _state_fwd_kernel[(B * H, 2)](k, v, alpha, log_beta, gamma, K0, V0, SK, SV, UK, UV, NK, NV, KT, VT,
-                                      T, H, NC, STATS=NK.numel() > 0, **seq)
+        _state_fwd_kernel[(B * H, 2)](k, v, alpha, log_beta, gamma, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC, **seq)
         YK = torch.empty(alpha.shape, **f32)  # the key pass's read yhat, kept for the backward
         _read_fwd_kernel[(NC, B * H)](q, k, v, log_beta, SK, SV, UK, UV, o, YK, T, H, NC, **par)
-        ctx.save_for_backward(q, k, v, alpha, log_beta, gamma, SK, SV, UK, UV, YK, NK, NV)
+        ctx.save_for_backward(q, k, v, alpha, log_beta, gamma, SK, SV, UK, UV, YK)
         ctx.seq, ctx.par, ctx.grads, ctx.prep = seq, par, grads, prep
         ctx.NC, ctx.spans, ctx.prepped = NC, spans, prepped
         return o, KT, VT
 
     @staticmethod
     def backward(ctx, do, dKT, dVT):
-        q, k, v, alpha, log_beta, gamma, SK, SV, UK, UV, YK, NK, NV = ctx.saved_tensors
+        q, k, v, alpha, log_beta, gamma, SK, SV, UK, UV, YK = ctx.saved_tensors
         B, T, H, DK = q.shape
         M, DV, NC = alpha.shape[-1], v.shape[-1], ctx.NC
         f32 = dict(dtype=torch.float32, device=q.device)
@@ -967,7 +934,7 @@ class TrellisChunkFn(torch.autograd.Function):
             if side:
                 side.wait_stream(main)  # this run's reads (and, the first time, every input)
             with torch.cuda.stream(side) if side else contextlib.nullcontext():
-                _state_bwd_kernel[(B * H, 2)](k, v, alpha, log_beta, gamma, SK, SV, NK, NV, PT[r % 2], PR[r % 2],
+                _state_bwd_kernel[(B * H, 2)](k, v, alpha, log_beta, gamma, SK, SV, PT[r % 2], PR[r % 2],
                                               PL[r % 2], UK, UV, dUK, dUV, dSK, dSV, dKs[r + 1], dVs[r + 1], dalK,
                                               dalV, dgmK, dgmV, dKs[r], dVs[r], T, H, NC, c0, n, PREP=ctx.prepped,
                                               **ctx.seq)
@@ -1228,8 +1195,8 @@ def check(device="cuda", only=None):
     """Max relative error (max |x - ref| / max |ref|) per tensor, kernel vs the float64
     PyTorch chunked form on the same inputs, for every case (or the labels in `only`). The
     backward takes its chunks in runs with _code_prep_kernel wherever B*H*2 leaves half the SMs
-    free (default_runs); "bf16 one run" (B*H*2 = 128) walks them in one run from the forward's
-    row statistics."""
+    free (default_runs); "bf16 one run" (B*H*2 = 128) walks them in one run, computing the
+    code's terms in the walk."""
     import trellis as tr
 
     eps = _model_eps()
@@ -1427,7 +1394,7 @@ def shared_memory(C, m, d, phi="norm_silu", f="norm_silu", exact=False, num_warp
     seq, par, grads, prep = _launch_config(d, d, m, C, phi, f, 1.0, 1e-3, exact, "tf32",
                                            num_warps or default_warps(m))  # eps size nothing
     out = {}
-    kernels = [(_state_fwd_kernel, dict(seq, STATS=not exact)), (_read_fwd_kernel, par),
+    kernels = [(_state_fwd_kernel, seq), (_read_fwd_kernel, par),
                (_read_bwd_value_kernel, par), (_read_bwd_key_kernel, par), (_state_bwd_kernel, dict(seq, PREP=False)),
                (_state_grads_kernel, grads)]
     if not exact:  # the backward in runs: the walk reads _code_prep_kernel's terms
