@@ -338,12 +338,6 @@ def _chunk_decays(lb, offs_c, C: tl.constexpr):
 
 
 @triton.jit
-def _max_pair(a, b, c, d):
-    """Two maxima in one reduction: one pass of shuffles and barriers instead of two."""
-    return tl.maximum(a, c), tl.maximum(b, d)
-
-
-@triton.jit
 def _moving(new, old, PREC: tl.constexpr):
     """Whether a sweep moved some entry by more than the tolerance times the largest |entry|:
     2^-21 (8 fp32 ulps) for IEEE dots, 2^-11 (a TF32 rounding) for TF32 ones."""
@@ -351,11 +345,7 @@ def _moving(new, old, PREC: tl.constexpr):
         tol = 4.76837158203125e-07
     else:
         tol = 4.8828125e-04
-    if _COMPILED:
-        change, size = tl.reduce((tl.abs(new - old), tl.abs(new)), 1, _max_pair)
-        change, size = tl.reduce((change, size), 0, _max_pair)
-    else:  # the interpreter calls a reduction's combine function from Python, slowly; tl.max is numpy's
-        change, size = tl.max(tl.max(tl.abs(new - old), 1), 0), tl.max(tl.max(tl.abs(new), 1), 0)
+    change, size = tl.max(tl.max(tl.abs(new - old), 1), 0), tl.max(tl.max(tl.abs(new), 1), 0)
     return change > size * tol
 
 
@@ -369,36 +359,15 @@ def _exact_lower(w, b, lb, oc, PREC: tl.constexpr):
 
 
 @triton.jit
-def _sweep_code(z, a, ac, g, mm, M, PHI: tl.constexpr, EPS: tl.constexpr):
-    """Ū = γ code(z, α) inside the sweeps. For normalized SiLU from α's centred rows
-    ac = α - mean(α) (fixed for the chunk) and the LayerNorm's mean(y) = 0, mean(y²) = 1 - ε rsd²
-    (NOTES.md, section 2): then mean(e) = -mean(α) and c0 = 1 - mean(e y) = ε rsd² + mean(ac y), so
-    that u = s1 ⊙ (c0 y - ac) rsd = s1 ⊙ (c0 rsd² (s - μ) - rsd ac): one row sum fewer than
-    _code_stats and no tile e."""
-    if PHI == 2:
-        sg = _sigmoid(z)
-        s = z * sg
-        s1 = sg + s * (1 - sg)  # silu'(z)
-        mu = tl.sum(tl.where(mm, s, 0.0), 1) / M
-        c = tl.where(mm, s - mu[:, None], 0.0)
-        rsd = 1.0 / tl.sqrt(tl.sum(c * c, 1) / M + EPS)
-        c0_rsd2 = rsd * rsd * rsd * (EPS * rsd + tl.sum(ac * c, 1) / M)  # c0 rsd², mean(ac y) = rsd mean(ac c)
-        return s1 * ((g * c0_rsd2)[:, None] * c - (g * rsd)[:, None] * ac)
-    else:
-        return g[:, None] * _code_fwd(z, a, mm, M, PHI, EPS)
-
-
-@triton.jit
 def _exact_codes_fwd(Z0, L, a, g, mm, M, PHI: tl.constexpr, EPS: tl.constexpr, C: tl.constexpr,
                      PREC: tl.constexpr):
     """Ū of the exact rule: from the codes at Z0 (each row's own decay, none of the chunk's earlier
     tokens), sweeps Ū <- γ code(Z0 - L Ū, α) until Ū settles (_moving) or C - 1 sweeps are done."""
-    ac = tl.where(mm, a - (tl.sum(a, 1) / M)[:, None], 0.0)  # α's centred rows (normalized SiLU)
-    U = _sweep_code(Z0, a, ac, g, mm, M, PHI, EPS)
+    U = g[:, None] * _code_fwd(Z0, a, mm, M, PHI, EPS)
     n = 0
     moving = True
     while (n < C - 1) & moving:
-        U_next = _sweep_code(Z0 - _dot(L, U, PREC), a, ac, g, mm, M, PHI, EPS)
+        U_next = g[:, None] * _code_fwd(Z0 - _dot(L, U, PREC), a, mm, M, PHI, EPS)
         moving = _moving(U_next, U, PREC)
         U = U_next
         n += 1
