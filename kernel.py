@@ -178,7 +178,8 @@ def _code_fwd(z, a, mm, M, PHI: tl.constexpr, EPS: tl.constexpr):
 
 @triton.jit
 def _code_vjp(dU, g, u, k1, s1, y, a, rsd, c0, c1, c2, mm, M, PHI: tl.constexpr):
-    """(dz, da, dg) for Ū = g ⊙ code(z, a) and dL/dŪ = dU, from _code_lin's terms at (z, a).
+    """(dz, da, dg) for Ū = g ⊙ code(z, a) and dL/dŪ = dU, from _code_lin's terms at (z, a): B3,
+    trellis.py's code_vjp in closed form.
     For normalized SiLU the product J_codeᵀ du (du = g dU, p = du ⊙ s1, means over the real
     slots) collapses to
         dz = du ⊙ k1 - s1 ⊙ (y r1 - a r2 + r3),   da = -(p - mean(p) - y mean(p y)) rsd,
@@ -234,7 +235,7 @@ def _f_bwd(yh, dr, mm, M, F: tl.constexpr, EPS: tl.constexpr):
 
 
 # -----------------------------------------------------------------------------
-# chunk loads shared by both kernels
+# loads and dots shared by the kernels
 
 
 @triton.jit
@@ -315,7 +316,7 @@ def _load_state(ptr, idx, om, od, M, D):
 
 @triton.jit
 def _chunk_decays(lb, offs_c, C: tl.constexpr):
-    """b (cumulative log beta), Gamma (lower triangle, exp(b_i - b_j)), e^b, b_C, e^{b_C - b}."""
+    """b (cumulative log beta), Gamma (lower triangle, exp(b_i - b_j)), e^b, b_c, e^{b_c - b}."""
     b = tl.cumsum(lb, 0)
     tri = offs_c[:, None] >= offs_c[None, :]
     Gam = _exp(tl.where(tri, b[:, None] - b[None, :], float("-inf")))  # only exponents <= 0
@@ -327,7 +328,7 @@ def _chunk_decays(lb, offs_c, C: tl.constexpr):
 # exact chunks (sweeps >= C - 1): the per-token recurrence inside a chunk, as the fixed point
 #   Z = Z0 - L Ū(Z),   Z0 = diag(e^{b_prev}) W Sᵀ,   L = (W Wᵀ) ⊙ Γ',  Γ'_ij = exp(b_{i-1} - b_j) (j < i)
 # (trellis.py, section 3), reached by sweeps that are matrix products. L is strictly lower
-# triangular, so sweep n leaves rows 0..n exact and C - 1 sweeps solve the system. The error
+# triangular, so sweep n leaves rows 1..n+1 exact (rows counted from 1, as in trellis.py) and C - 1 sweeps solve the system. The error
 # shrinks geometrically long before that, so the loop stops once a sweep moves no entry by more
 # than a tolerance times the largest one: 8 fp32 ulps (2^-21) with IEEE dots, and 2^-11 with
 # TF32 dots: one rounding of a TF32 operand (10 stored mantissa bits), the resolution of the
@@ -397,7 +398,7 @@ def _code_dz(dU, g, k1, s1, y, a, rsd, c0, c1, c2, mm, M, PHI: tl.constexpr):
 @triton.jit
 def _exact_codes_bwd(L, a, g, dU, u, k1, s1, y, rsd, c0, c1, c2, mm, M, PHI: tl.constexpr, C: tl.constexpr,
                      PREC: tl.constexpr):
-    """The adjoint of _exact_codes_fwd at its solution, from the code's terms there (_code_lin;
+    """B6: the adjoint of _exact_codes_fwd at its solution, from the code's terms there (_code_lin;
     u only for identity and SiLU). dU: dLoss/dŪ from everything but z (the reads, the chunk end).
     Solves dŪ = dU - Lᵀ dZ, dZ = J_code(z)ᵀ (γ dŪ) by sweeps of dZ alone from dZ = 0 (Lᵀ is
     strictly upper triangular; the first sweep gives the chunk-start rule's dZ, and every tile
@@ -423,7 +424,8 @@ def _exact_codes_bwd(L, a, g, dU, u, k1, s1, y, rsd, c0, c1, c2, mm, M, PHI: tl.
 
 
 # -----------------------------------------------------------------------------
-# forward: K1 walks the chunks (state recurrence only), K2 reads every chunk in parallel
+# forward: _state_fwd_kernel walks the chunks (F1, F2, F5), _read_fwd_kernel reads every chunk
+# in parallel (F4); the labels are trellis.py's, section 3b
 
 
 @triton.jit
@@ -431,8 +433,8 @@ def _state_fwd_kernel(k, v, al, LB, GM, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC
                       DK, DV, M, BD: tl.constexpr, BM: tl.constexpr,
                       C: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
                       EXACT: tl.constexpr, EVEN: tl.constexpr):
-    """Grid (B*H, 2 passes). Per chunk: Z = W Sᵀ (EXACT: the per-token z, _exact_codes_fwd),
-    U = γ code(Z, α), S <- e^{b_C} S - (U ⊙ to_end)ᵀ W.
+    """F1, F2, F5. Grid (B*H, 2 passes). Per chunk: Z = W Sᵀ (EXACT: the per-token z, _exact_codes_fwd),
+    U = γ code(Z, α), S <- e^{b_c} S - (U ⊙ to_end)ᵀ W.
     Stores each chunk's start state [B,H,NC,m,d] and U [B,T,H,m] for the parallel kernels."""
     if EVEN:  # every size equals its block: strides, masks and divisors are known when compiling
         DK, DV, M = BD, BD, BM
@@ -477,7 +479,7 @@ def _read_fwd_kernel(q, k, v, LB, SK, SV, UK, UV, o, YK, T, H, NC,
                      DK, DV, M,
                      BDK: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, C: tl.constexpr,
                      F: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr, EVEN: tl.constexpr):
-    """Grid (NC, B*H): one chunk's reads from its start states and stored codes:
+    """F4. Grid (NC, B*H): one chunk's reads from its start states and stored codes:
     Yhat = e^b q Kᵀ - ((q kᵀ) ⊙ Γ) Uk,  R = f(Yhat),  O = e^b R V - ((R Uvᵀ) ⊙ Γ) v."""
     if EVEN:
         DK, DV, M = BDK, BDV, BM
@@ -505,8 +507,9 @@ def _read_fwd_kernel(q, k, v, LB, SK, SV, UK, UV, o, YK, T, H, NC,
 
 
 # -----------------------------------------------------------------------------
-# backward: K3 differentiates every chunk's reads in parallel; K4 walks the chunks in
-# reverse carrying dS (the only sequential part), through the codes and the state updates
+# backward: the read kernels differentiate every chunk's reads in parallel (B1); _state_bwd_kernel
+# walks the chunks in reverse carrying dS (B2-B4, B6: the only sequential part);
+# _state_grads_kernel finishes dW and d log beta every chunk in parallel (B4, B5)
 
 
 @triton.jit
@@ -514,7 +517,7 @@ def _read_bwd_value_kernel(v, LB, SV, UV, YK, do, dv, dUV, dSV, dYK, dlb, T, H, 
                            DV, M, BDV: tl.constexpr, BM: tl.constexpr,
                            C: tl.constexpr, F: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
                            EVEN: tl.constexpr):
-    """Grid (chunks of a run, B*H), chunk C0 + program_id(0). The value pass's read
+    """B1 (read with r). Grid (chunks of a run, B*H), chunk C0 + program_id(0). The value pass's read
     O = e^b R V - ((R Uvᵀ) ⊙ Γ) v with R = f(Yhat):
     the read parts of dv, dUv, d log beta, dS_read per chunk, and dYhat for the key pass."""
     if EVEN:
@@ -551,7 +554,7 @@ def _read_bwd_value_kernel(v, LB, SV, UV, YK, do, dv, dUV, dSV, dYK, dlb, T, H, 
 def _read_bwd_key_kernel(q, k, LB, SK, UK, dYK, dq, dk, dUK, dSK, dlb, T, H, NC, C0,
                          DK, M, BDK: tl.constexpr, BM: tl.constexpr,
                          C: tl.constexpr, PREC: tl.constexpr, EVEN: tl.constexpr):
-    """Grid (chunks of a run, B*H), chunk C0 + program_id(0). The key pass's read
+    """B1 (read with q). Grid (chunks of a run, B*H), chunk C0 + program_id(0). The key pass's read
     Yhat = e^b q Kᵀ - ((q kᵀ) ⊙ Γ) Uk: dq (final), the
     read parts of dk, dUk, dS_read per chunk, and its share of d log beta (added)."""
     if EVEN:
@@ -589,7 +592,8 @@ def _code_prep_kernel(k, v, al, LB, SK, SV, UK, UV, PT, PR, PL, T, H, NC, C0, NC
                       DK, DV, M, BD: tl.constexpr, BM: tl.constexpr,
                       C: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
                       EXACT: tl.constexpr, EVEN: tl.constexpr):
-    """Grid (chunks of a run, B*H, 2 passes), chunk C0 + program_id(0): the code's terms that do
+    """Performance only: lets the walk skip B3's gradient-free part. Grid (chunks of a run, B*H, 2 passes),
+    chunk C0 + program_id(0): the code's terms that do
     not depend on the incoming gradient (_code_lin), for the backward walk of that run, at the
     chunk-start rule's Z = W Sᵀ or (EXACT) at the exact rule's solution
     Z = diag(e^{b_prev}) W Sᵀ - L Ū, with Ū the forward's. Stores tiles u, k1, s1, y [C, BM]
@@ -637,10 +641,11 @@ def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, PT, PR, PL, UK, UV, dUK, dUV, dS
                       DK, DV, M, BD: tl.constexpr, BM: tl.constexpr,
                       C: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
                       EXACT: tl.constexpr, PREP: tl.constexpr, EVEN: tl.constexpr):
-    """Grid (B*H, 2 passes), chunks C0 + NCS - 1 down to C0 carrying dS = dL/d(state at the chunk's
+    """B2, B3, B4's step and B6. Grid (B*H, 2 passes), chunks C0 + NCS - 1 down to C0 carrying
+    dS = dL/d(state at the chunk's
     end), from dKT, dVT (the run's end) to dK0, dV0 (its start); only what the next dS needs:
     dS += dS_read of the next chunk (the reads of the chunk that starts from this end state),
-    dU = dU_read - to_end ⊙ (W dSᵀ), (dZ, dα, dγ) through the code, dS <- e^{b_C} dS + dZᵀ W.
+    dU = dU_read - to_end ⊙ (W dSᵀ), (dZ, dα, dγ) through the code, dS <- e^{b_c} dS + dZᵀ W.
     The code's terms at Z come from _code_prep_kernel (PREP; EXACT: with L, PL), or, in one run,
     are computed here (_code_lin) at Z = W Sᵀ or (EXACT) the forward's solution (from S and Ū).
     Adding the next chunk's dS_read at the top, where a dot uses it, lets the compiler prefetch
@@ -723,10 +728,11 @@ def _state_grads_kernel(k, v, LB, SK, SV, UK, UV, dZK, dZV, dSK, dSV, dKT, dVT, 
                         dalK, dalV, dal, dgmK, dgmV, dgm, T, H, NC, DK, DV, M,
                         BD: tl.constexpr, BM: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
                         EXACT: tl.constexpr, EVEN: tl.constexpr):
-    """Grid (NC, B*H, 2 passes), every chunk in parallel once _state_bwd_kernel has stored its dZ
+    """B2's dW and db, B4's dW, B5. Grid (NC, B*H, 2 passes), every chunk in parallel once
+    _state_bwd_kernel has stored its dZ
     and the dS at its end: the state updates' share of dW, dZ S - (U ⊙ to_end) dS, added to the
     reads' share (dk, dv) and stored in the inputs' dtype (dkf, dvf); and d log beta (through
-    e^{b_C}, to_end and, EXACT, through Z = diag(e^{b_{i-1}}) W Sᵀ - L U with L = (W Wᵀ) ⊙ Γ').
+    e^{b_c}, to_end and, EXACT, through Z = diag(e^{b_{i-1}}) W Sᵀ - L U with L = (W Wᵀ) ⊙ Γ').
     Also the sums of the two passes' dα (key-pass programs, stored in α's dtype) and dγ (value pass)."""
     if EVEN:  # every size equals its block: strides, masks and divisors are known when compiling
         DK, DV, M = BD, BD, BM
@@ -766,7 +772,7 @@ def _state_grads_kernel(k, v, LB, SK, SV, UK, UV, dZK, dZV, dSK, dSV, dKT, dVT, 
         db_extra = db_prev
     dWc += _dot(dZ, S, PREC) - _dot(U * to_end[:, None], dS, PREC)
     tl.store(dWf + rows_w, dWc.to(dWf.dtype.element_ty), mask=wmask)  # final: in the inputs' dtype
-    gd = -tl.sum(U * _dot(w, tl.trans(dS), PREC), 1) * to_end  # through to_end = e^{b_C - b}
+    gd = -tl.sum(U * _dot(w, tl.trans(dS), PREC), 1) * to_end  # through to_end = e^{b_c - b}
     db = tl.where(oc == C - 1, tl.sum(tl.sum(dS * S, 1), 0) * tl.exp(b_c) + tl.sum(gd, 0), 0.0) - gd + db_extra
     # d log beta_j = sum_{i>=j} db_i, less the b_{i-1} = b_i - log beta_i share
     tl.store(dlb + gb + t * s_t, tl.sum(db, 0) - tl.cumsum(db, 0) + db - db_prev, mask=tm)
@@ -1326,7 +1332,7 @@ def profile(device="cuda", T=16384, tokens=32768, H=8, d=64, m=64, C=64):
     B = tokens // T
     ins = [t.requires_grad_(True) for t in _inputs(B, T, H, d, d, m, torch.bfloat16, device)]
     names = ["_state_fwd_kernel", "_read_fwd_kernel", "_read_bwd_value_kernel", "_read_bwd_key_kernel",
-             "_state_bwd_kernel", "_state_grads_kernel"]
+             "_code_prep_kernel", "_state_bwd_kernel", "_state_grads_kernel"]
     from torch.profiler import ProfilerActivity, profile as tprofile
 
     eps = dict(_model_eps(), phi="norm_silu", f="norm_silu", precision="tf32")

@@ -3,11 +3,15 @@
 Karami, Behrouz, Kacham, Mirrokni, "Trellis: Learning to Compress Key-Value Memory in
 Attention Models", COLM 2025, arXiv 2512.23852. This file derives the model and builds it in
 the paper's order; NOTES.md maps each step to the paper and records the choices the paper
-leaves open.
+leaves open. Where the paper's equation numbers are known they are cited as "paper, Eq. N":
+the update rule is Eqs. 5-6, the two passes Eqs. (13)-(14). The derivations in these
+comments are this file's own; where they go beyond the paper (the exact chunked form, the
+backward) they say so.
 
-  1. one memory, one token: the online-regression step and phi's error codes
-  2. the two passes, as a per-token loop (the definition)
+  1. one memory, one token: the online-regression step and phi's error codes (paper, Eqs. 5-6)
+  2. the two passes, as a per-token loop, the definition (paper, Eqs. (13)-(14))
   3. the chunked-parallel form of one pass, and its exact refinement
+  3b. the backward of the chunked form (what kernel.py implements)
   4. the two-pass operator, trellis_op (one place that picks the implementation)
   5. the layer and the language model
   6. generation with a constant-size state
@@ -38,6 +42,8 @@ Glossary (code symbol: paper symbol, shape for one batch element and one head)
   to_end      e^{b_C - b_i}, the decay from row i to the chunk's end   [C]
   sweeps      refinement sweeps of Z = Z0 - L Ubar(Z); 0 = the paper's chunk-start rule
   phi_eps     the epsilon of phi's LayerNorm (normalized SiLU);  f_eps: the same for f
+  sd, rsd     the LayerNorm's standard deviation sqrt(var + eps), and 1 / sd (kernel.py)
+  rows        a chunk's rows are counted i = 1..c here and in kernel.py's comments
 
 Layout of the public operator: [B, T, H, D] (batch, time, head, feature), as in
 FlashAttention and fla. Memories are [B, H, m, d]; the gates beta and gamma are [B, T, H].
@@ -52,7 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
-# 1. One memory, one token: the online-regression step
+# 1. One memory, one token: the online-regression step (paper, Eqs. 5-6)
 #
 # A memory M [m, d] should map a write vector w_t [d] to a slot code a_t [m] through phi.
 # Each token contributes the regression loss
@@ -94,8 +100,12 @@ import torch.nn.functional as F
 # Yang et al. 2024), S_t = S_{t-1} (I - gamma k k^T) + gamma v k^T, with key w_t, "value" a_t and
 # state M. With beta_t < 1 it is a gated delta rule that decays only the old memory (Gated
 # DeltaNet, Yang et al. 2025, decays the erase term too: S_t = beta S_{t-1}(I - gamma k k^T) + ...).
-# The step contracts the memory along w_t when 0 < gamma_t ||w_t||^2 < 2; the layer
-# L2-normalizes w and keeps gamma_t < 1, as DeltaNet does.
+# For the delta rule (phi = identity) the step contracts the memory along w_t when
+# 0 < gamma_t ||w_t||^2 < 2; the layer L2-normalizes w, as DeltaNet does, and keeps
+# gamma_t <= gamma_max (0.1 by default). With a nonlinear phi the step on z is also scaled by
+# J_phi (for normalized SiLU up to silu'(z) / sd), so gamma ||w||^2 < 2 is then necessary, not
+# sufficient: phi_eps bounds 1 / sd, and the small gamma_max leaves room for J and for the C
+# steps that the chunk-start rule computes at one memory.
 
 
 def silu_prime(z):
@@ -159,7 +169,7 @@ def error_code(phi, z, a, eps):
 
 
 # -----------------------------------------------------------------------------
-# 2. The two passes, as a per-token loop
+# 2. The two passes, as a per-token loop (paper, Eqs. (13)-(14))
 #
 # Trellis keeps two memories per head and runs the step of section 1 on each, with the
 # same slot codes and gates:
@@ -255,6 +265,11 @@ def pass_loop(W, A, beta, gamma, S, X, read, phi, phi_eps, chunk_size=1, sweeps=
 # chunk-start codes makes one more row exact per sweep (row 1 already is: b_0 = 0), and
 # C - 1 sweeps give the exact recurrence. The sweeps argument is therefore a knob from the
 # paper's rule (0) to the exact model (C - 1). This refinement is this project's addition.
+#
+# Token by token, sweep k + 1 reads row i's z from a memory: with Ubar^(k) the codes of sweep
+# k, Z^(k+1)_i = e^{b_{i-1}} S w_i - sum_{j<i} e^{b_{i-1} - b_j} (w_j . w_i) Ubar^(k)_j = M^(k)_{i-1} w_i,
+# where M^(k) is the memory written from S with sweep k's codes (and sweep 0 reads S itself).
+# pass_loop carries these memories, one per sweep, so that generation can decode any rule.
 
 
 def _decay_matrix(row, col, mask):
@@ -593,7 +608,7 @@ class TrellisConfig:
                 raise ValueError(f"TrellisConfig.{name} must be a positive number, got {getattr(self, name)!r}")
         if not 0 < self.beta_init < 1:
             raise ValueError(f"TrellisConfig.beta_init must be in (0, 1), got {self.beta_init!r}")
-        if not 0 < self.gamma_max < 2:  # gamma ||w||^2 < 2 keeps a unit write contractive (section 1)
+        if not 0 < self.gamma_max < 2:  # the delta rule's bound for unit writes (section 1)
             raise ValueError(f"TrellisConfig.gamma_max must be in (0, 2), got {self.gamma_max!r}")
         if not 0 < self.gamma_init < self.gamma_max:
             raise ValueError(f"TrellisConfig.gamma_init must be in (0, gamma_max = {self.gamma_max}), "
@@ -695,7 +710,7 @@ class TrellisMixer(nn.Module):
         state = dict(state or {})
         qk, v, g, alpha = self.in_proj(x).split([2 * n, n, n, H * m], dim=-1)  # [B,T,2n|n|n|H*m]
         new_state = {}
-        # q, k, v L2-normalized per head: gamma ||w||^2 = gamma < 1 keeps every write a contraction
+        # q, k, v L2-normalized per head: gamma ||w||^2 = gamma <= gamma_max (section 1's bound)
         if self.qk_conv is not None:
             qk, new_state["qk_conv"] = self.qk_conv(qk, state.get("qk_conv"), head=d)
         else:
