@@ -11,6 +11,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -24,3 +25,13 @@ def pytest_configure(config):
     # exp overflows to inf and the sigmoid is its correct limit, 0, with a RuntimeWarning.
     config.addinivalue_line("filterwarnings",
                             "ignore:overflow encountered in exp:RuntimeWarning:triton.runtime.interpreter")
+
+
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected what does not run
+def pytest_collection_modifyitems(config, items):
+    # The Hopper shared-memory test compiles kernels for sm_90 with ptxas, minutes of one core:
+    # started now, it runs beside the other tests (pytest itself keeps one core busy).
+    if any(item.name == "test_hopper_shared_memory_fits_the_accepted_sizes" for item in items):
+        import test_equivalence
+
+        test_equivalence.start_hopper_compile()
