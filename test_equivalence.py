@@ -1296,6 +1296,22 @@ def test_train_tiny_bad_value_is_one_line_and_writes_nothing(tmp_path, capsys, f
     assert (tmp_path / "a_file").read_text() == "not a folder" if (tmp_path / "a_file").exists() else True
 
 
+def test_train_tiny_out_dir_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
+    """An --out-dir where no folder can be made (permissions, a read-only file system: here a
+    mkdir that fails as it would there) is refused in one line, exit code 2, nothing written."""
+    import errno
+
+    import train_tiny
+
+    def refused(path, *a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(train_tiny.os, "mkdir", refused)
+    code, err = _exit(capsys, train_tiny.main, _train_argv(tmp_path, "--max-iters", "5"))
+    assert code == 2 and err.count("\n") == 1 and "cannot write in" in err and "--out-dir" in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
 def test_train_tiny_help_shows_defaults_per_device(capsys):
     """--help shows the defaults on cuda and on cpu of the flags that depend on the device."""
     import train_tiny

@@ -238,8 +238,14 @@ def check_out_dir(path):
     if not os.path.isdir(parent):
         raise UsageError(f"--out-dir {path}: {parent} is a file, so the folder cannot be made there: pass another "
                          f"--out-dir")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--out-dir {path}: {parent} is not writable: pass a folder you can write to")
+    # a folder made and removed at once: permissions, read-only file systems and their like answer here
+    probe = os.path.join(parent, f".train_tiny-probe-{os.getpid()}")
+    try:
+        os.mkdir(probe)
+        os.rmdir(probe)
+    except OSError as e:
+        raise UsageError(f"--out-dir {path}: cannot write in {parent} ({e.strerror}): pass a folder you can "
+                         f"write to") from None
 
 
 def kernel_unsupported(cfg, device):
