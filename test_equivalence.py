@@ -1553,3 +1553,83 @@ def test_recall_task_trains_and_reports_accuracy(tmp_path):
     out = _run(tmp_path, "--task", "recall", "--recall-pairs", "4,8", "--max-iters", "6", "--eval-interval", "3")
     acc = out["recall_accuracy"]
     assert set(acc) == {4, 8} and all(0 <= a <= 1 for a in acc.values())
+
+
+@given(T_n=st.sampled_from([(64, 4), (128, 8), (256, 16), (256, 32), (256, 64), (64, 16), (1024, 256), (40, 10)]),
+       batch=st.integers(1, 4), seed=st.integers(0, 2**31 - 1))
+def test_mqar_batches_are_well_formed(T_n, batch, seed):
+    """MQAR as Zoology lays it out: n pairs with distinct keys from [1, 4096) and distinct values
+    from [4096, 8192) open the sequence; every key comes back exactly once, at an even offset
+    after the pairs, and only there is a target: its value."""
+    import train_tiny
+
+    T, n = T_n
+    x, y = train_tiny.mqar_batch(T, n, batch, torch.Generator().manual_seed(seed))
+    assert x.shape == y.shape == (batch, T) and 0 <= x.min() and x.max() < train_tiny.MQAR_VOCAB
+    for xs, ys in zip(x.tolist(), y.tolist()):
+        keys, vals = xs[0:2 * n:2], xs[1:2 * n:2]
+        assert len(set(keys)) == n and all(1 <= k < 4096 for k in keys)
+        assert len(set(vals)) == n and all(4096 <= v < 8192 for v in vals)
+        queries = [t for t, target in enumerate(ys) if target >= 0]
+        assert len(queries) == n and all(t >= 2 * n and (t - 2 * n) % 2 == 0 for t in queries)
+        assert sorted(xs[t] for t in queries) == sorted(keys)
+        assert all(ys[t] == dict(zip(keys, vals))[xs[t]] for t in queries)
+
+
+def test_mqar_mixtures_are_zoologys():
+    """Training draws (T, n) from Zoology's mixture in proportion to its example counts
+    (100k at (64, 4), 20k at each of the four others); testing covers T = 64 .. 1024 with
+    4 .. 256 pairs, and every test sequence has room for its queries."""
+    import argparse
+
+    import train_tiny
+
+    assert train_tiny.MQAR_TRAIN == {(64, 4): 100_000, (128, 8): 20_000, (256, 16): 20_000, (256, 32): 20_000,
+                                     (256, 64): 20_000}
+    args = argparse.Namespace(batch_size=1, device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    drawn = [tuple(train_tiny.mqar_step_batch(args, gen)[0].shape) for _ in range(3000)]
+    share = sum(s == (1, 64) for s in drawn) / len(drawn)
+    assert abs(share - 100 / 180) < 0.03 and {s[1] for s in drawn} == {64, 128, 256}
+    assert [T for T, _ in train_tiny.MQAR_TEST] == [64, 64, 64, 128, 256, 512, 1024]
+    assert [n for _, n in train_tiny.MQAR_TEST] == [4, 8, 16, 32, 64, 128, 256]
+    assert all(2 * n + 2 * n <= T for T, n in train_tiny.MQAR_TEST)
+
+
+def test_answer_accuracy_counts_answer_positions_only():
+    """The accuracy counts argmax hits at positions with a target and nowhere else: an oracle
+    scores 1, an oracle shifted by one token 0, an oracle right on every other answer 0.5,
+    whatever it predicts elsewhere."""
+    import train_tiny
+
+    x, y = train_tiny.mqar_batch(64, 8, 4, torch.Generator().manual_seed(1))
+
+    class Oracle(torch.nn.Module):
+        def __init__(self, shift, every=1):
+            super().__init__()
+            self.shift, self.every = shift, every
+
+        def forward(self, idx):
+            logits = torch.zeros(*idx.shape, train_tiny.MQAR_VOCAB)
+            target = torch.where(y >= 0, y, 0)
+            wrong = torch.zeros_like(y, dtype=torch.bool)
+            wrong[y >= 0] = torch.arange(int((y >= 0).sum())) % self.every == 1
+            target = torch.where(wrong, (target + self.shift + 1) % train_tiny.MQAR_VOCAB, target + self.shift)
+            return logits.scatter(-1, target[..., None] % train_tiny.MQAR_VOCAB, 1.0), None, None
+
+    ctx = torch.autocast("cpu", enabled=False)
+    assert train_tiny.answer_accuracy(Oracle(0), [(x, y)], ctx) == 1.0
+    assert train_tiny.answer_accuracy(Oracle(1), [(x, y)], ctx) == 0.0
+    assert train_tiny.answer_accuracy(Oracle(0, every=2), [(x, y)], ctx) == 0.5
+
+
+def test_mqar_task_trains_and_reports_accuracy(tmp_path, monkeypatch):
+    """--task mqar trains end to end on the mixture and reports an accuracy per test (T, n)."""
+    import train_tiny
+
+    monkeypatch.setattr(train_tiny, "MQAR_TEST", [(64, 4), (128, 16)])
+    monkeypatch.setattr(train_tiny.mqar_accuracy, "__defaults__", (20, 10))
+    out = _run(tmp_path, "--task", "mqar", "--max-iters", "4", "--eval-interval", "2", "--batch-size", "2")
+    assert set(out["mqar_accuracy"]) == {"64/4", "128/16"}
+    assert all(0 <= a <= 1 for a in out["mqar_accuracy"].values()) and out["task"] == "mqar"
+

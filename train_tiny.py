@@ -7,6 +7,7 @@
     python train_tiny.py --eval-from out/best.pt --eval-contexts 256,1024,4096,16384
                                                   # val loss of a trained model at longer contexts
     python train_tiny.py --task recall            # multi-query associative recall instead of text
+    python train_tiny.py --task mqar              # MQAR with Zoology's vocabulary and train/test mixtures
     python train_tiny.py --bench-train            # training tokens/s of both mixers at 1k/4k/16k
     python train_tiny.py --bench-decode           # ms per generated token vs context length
 
@@ -120,8 +121,8 @@ def build_parser():
     a("--gamma-max", type=float, help="inner step size bound: gamma = gamma_max * sigmoid(.) (default: 0.1)")
     a("--impl", choices=["auto", "kernel", "chunked", "loop"], help="operator implementation (default: auto)")
     # the task
-    a("--task", choices=["text", "recall"], help="language modelling, or multi-query associative recall "
-                                                 "(default: text)")
+    a("--task", choices=["text", "recall", "mqar"], help="language modelling, multi-query associative recall, "
+                                                         "or MQAR as Zoology runs it (default: text)")
     a("--recall-pairs", help="recall: key-value pairs per sequence, one value per batch at random "
                              "(at most 512; default: 8,32,128,512)")
     a("--recall-queries", type=int, help="recall: queries per sequence, capped at the pairs (default: 32)")
@@ -200,7 +201,7 @@ def check_values(args):
         args.eval_contexts_list = parse_list("--eval-contexts", args.eval_contexts)
     if args.eval_from is not None and args.eval_contexts is None:
         raise UsageError("--eval-from evaluates a checkpoint at --eval-contexts: give both")
-    if args.task == "recall" and args.eval_contexts is not None:
+    if args.task != "text" and args.eval_contexts is not None:
         raise UsageError("--eval-contexts is for --task text")
     if args.contexts is not None:
         parse_list("--contexts", args.contexts)
@@ -394,23 +395,78 @@ def recall_step_batch(args, gen):
     return to_device(*recall_batch(n, q, batch, gen), args.device)
 
 
-@torch.no_grad()
 def recall_accuracy(model, args, ctx, sequences=256):
     """Fraction of query answers predicted exactly (argmax), per number of pairs, on fresh sequences."""
-    model.eval()
     out = {}
     for n in args.recall_pairs_list:
         gen = torch.Generator().manual_seed(10_000 + n)  # the same sequences for every model
-        hits = total = 0
-        for _ in range(max(1, sequences // 64)):
-            x, y = to_device(*recall_batch(n, min(args.recall_queries, n), 64, gen), args.device)
-            with ctx:
-                logits = model(x)[0]
-            mask = y >= 0
-            hits += (logits.argmax(-1)[mask] == y[mask]).sum().item()
-            total += mask.sum().item()
-        out[n] = hits / total
+        batches = [to_device(*recall_batch(n, min(args.recall_queries, n), 64, gen), args.device)
+                   for _ in range(max(1, sequences // 64))]
+        out[n] = answer_accuracy(model, batches, ctx)
+    return out
+
+
+# MQAR as the field runs it (Arora et al. 2023, "Zoology"; the numbers below are from its MQAR
+# configs): a vocabulary of 8192, keys from [1, 4096) and values from [4096, 8192), distinct in
+# a sequence; n pairs k v k v ... open a sequence of T tokens, then every key comes back once,
+# at an even offset of the rest drawn without replacement with p(gap) ∝ gap^(a - 1), a = 0.01
+# (short gaps likely); the target at a query is its key's value, which the input never shows
+# again; every other position is a random token. Training draws a (T, n) of the mixture per
+# step, weighted by Zoology's example counts; testing reports the accuracy per (T, n).
+
+MQAR_VOCAB = 8192
+MQAR_POWER_A = 0.01
+MQAR_TRAIN = {(64, 4): 100_000, (128, 8): 20_000, (256, 16): 20_000, (256, 32): 20_000, (256, 64): 20_000}
+MQAR_TEST = [(64, 4), (64, 8), (64, 16), (128, 32), (256, 64), (512, 128), (1024, 256)]
+
+
+def mqar_batch(T, n, batch, gen):
+    """x, y [batch, T]: y is the value at each query (the position of a key's second
+    appearance), -1 elsewhere."""
+    half = MQAR_VOCAB // 2
+    keys = 1 + torch.stack([torch.randperm(half - 1, generator=gen)[:n] for _ in range(batch)])  # [B,n]
+    vals = half + torch.stack([torch.randperm(half, generator=gen)[:n] for _ in range(batch)])  # [B,n]
+    space = (T - 2 * n) // 2  # even offsets after the pairs
+    p = MQAR_POWER_A * torch.arange(1, space + 1, dtype=torch.float64) ** (MQAR_POWER_A - 1)
+    gaps = torch.multinomial(p.expand(batch, space), n, replacement=False, generator=gen)  # [B,n]
+    x = torch.randint(MQAR_VOCAB, (batch, T), generator=gen)
+    x[:, 0:2 * n:2], x[:, 1:2 * n:2] = keys, vals
+    where = 2 * n + 2 * gaps  # [B,n] query positions
+    x.scatter_(1, where, keys)
+    y = torch.full_like(x, -1).scatter_(1, where, vals)
+    return x, y
+
+
+def mqar_step_batch(args, gen):
+    """A training batch: one (T, n) of Zoology's mixture, batch_size sequences."""
+    configs = list(MQAR_TRAIN)
+    weights = torch.tensor([MQAR_TRAIN[c] for c in configs], dtype=torch.float64)
+    T, n = configs[torch.multinomial(weights, 1, generator=gen).item()]
+    return to_device(*mqar_batch(T, n, args.batch_size, gen), args.device)
+
+
+@torch.no_grad()
+def answer_accuracy(model, batches, ctx):
+    """Fraction of answer positions (y >= 0) whose argmax prediction is the answer."""
+    model.eval()
+    hits = total = 0
+    for x, y in batches:
+        with ctx:
+            logits = model(x)[0]
+        mask = y >= 0
+        hits += (logits.argmax(-1)[mask] == y[mask]).sum().item()
+        total += mask.sum().item()
     model.train()
+    return hits / total
+
+
+def mqar_accuracy(model, args, ctx, sequences=1000, batch=50):
+    """Accuracy per test (T, n) on the same fresh sequences for every model: {"T/n": accuracy}."""
+    out = {}
+    for T, n in MQAR_TEST:
+        gen = torch.Generator().manual_seed(100_000 + T + n)
+        batches = [to_device(*mqar_batch(T, n, batch, gen), args.device) for _ in range(sequences // batch)]
+        out[f"{T}/{n}"] = answer_accuracy(model, batches, ctx)
     return out
 
 
@@ -598,9 +654,10 @@ def estimate_loss(model, split, args, ctx):
     model.eval()
     out = {}
     for name, data in split.items():
-        if args.task == "recall":
+        if args.task != "text":
             gen = torch.Generator().manual_seed(1 if name == "val" else 2)
-            batches = [recall_step_batch(args, gen) for _ in range(args.eval_iters)]
+            step_batch = recall_step_batch if args.task == "recall" else mqar_step_batch
+            batches = [step_batch(args, gen) for _ in range(args.eval_iters)]
         else:
             gen = torch.Generator().manual_seed(0)
             batches = [get_batch(data, args, gen) for _ in range(args.eval_iters)]
@@ -727,8 +784,9 @@ def train(args):
         changes = merge_resume_args(args, ckpt, resume_path)
 
     torch.manual_seed(args.seed)
-    if args.task == "recall":
-        encode, decode, vocab_size, split, digest = None, None, RECALL_VOCAB, {"train": None, "val": None}, "recall"
+    if args.task != "text":
+        vocab_size = RECALL_VOCAB if args.task == "recall" else MQAR_VOCAB
+        encode, decode, split, digest = None, None, {"train": None, "val": None}, args.task
         prompt_ids = None
     else:
         text, digest = read_text(args)
@@ -837,6 +895,8 @@ def train(args):
                 group["lr"] = lr_at(it, args)
             if args.task == "recall":
                 x, y = recall_step_batch(args, gen)
+            elif args.task == "mqar":
+                x, y = mqar_step_batch(args, gen)
             else:
                 x, y = get_batch(split["train"], args, gen)
             with ctx:
@@ -891,6 +951,9 @@ def train(args):
             extra["recall_accuracy"] = recall_accuracy(model, args, ctx)
             accuracy = extra["recall_accuracy"]
             print("recall accuracy by pairs: " + ", ".join(f"{n}: {a:.3f}" for n, a in accuracy.items()))
+        elif args.task == "mqar":
+            extra["mqar_accuracy"] = accuracy = mqar_accuracy(model, args, ctx)
+            print("MQAR accuracy by T/pairs: " + ", ".join(f"{c}: {a:.3f}" for c, a in accuracy.items()))
         else:
             if args.eval_exact and cfg.mixer == "trellis" and cfg.sweeps < cfg.chunk_size - 1:
                 # the same weights, read exactly
