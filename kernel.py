@@ -7,7 +7,8 @@ trellis_op_triton.
 
 The error code makes the memory recurrence nonlinear (Ubar = gamma code(W S^T, A) needs the
 memory), so the only sequential work is that recurrence; every read is computed for all
-chunks in parallel from the stored chunk-start memories (trellis.py, sections 3 and 4):
+chunks in parallel from the stored chunk-start memories. The equations are trellis.py's,
+section 3b (F1-F5 forward, B1-B6 backward); each kernel's docstring names those it computes:
 
     forward   _state_fwd_kernel   grid (B*H, 2 passes), chunks in order:
                                   Z = W S^T, U = gamma code(Z, A), S <- e^{b_c} S - (U . to_end)^T W
@@ -25,6 +26,11 @@ chunks in parallel from the stored chunk-start memories (trellis.py, sections 3 
                                   walks one run while the read and prep kernels work on the next
               _state_grads_kernel grid (chunks, B*H, 2 passes): from those, dW and d log beta of
                                   the state updates, every chunk in parallel
+
+Performance only, skippable on a first reading (each bought at least 5% at some T in a
+same-run A/B, NOTES.md section 3.2): _exp and _sigmoid (PTX), _dot16 / _dot_split (bf16 tiles
+into the tensor cores as they are), EVEN (sizes compiled in), and the backward's runs of chunks
+(_code_prep_kernel, _runs, _side_stream, default_runs, PREP).
 
 Legend: kernel names -> trellis.py's symbols (one head, one chunk of C rows)
   pointers (global tensors)
@@ -86,7 +92,7 @@ DEFAULT_PRECISION = "tf32"  # of the dots: TF32 (10-bit mantissas, ~3x the rate)
 _COMPILED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")  # False under Triton's interpreter
 
 
-@triton.jit
+@triton.jit  # performance only: tl.exp with one instruction fewer
 def _exp(x):
     """e^x in one ex2.approx.ftz: the approximation tl.exp uses, without its fix-up for results
     below 2^-126 (a compare and two predicated products an element; such results flush to zero)."""
@@ -254,7 +260,7 @@ def _load_rows(ptr, t, tm, offs, real, s_t):
 # that an fp32 dot needs, and a bf16 tile takes half the space.
 
 
-@triton.jit
+@triton.jit  # performance only (the three _dot* helpers below): what _dot does with bf16 tiles
 def _dot16(a, b):
     if _COMPILED:  # the interpreter's bf16 dot is wrong
         return tl.dot(a, b, out_dtype=tl.float32)
