@@ -334,8 +334,9 @@ def _chunk_decays(lb, offs_c, C: tl.constexpr):
 # exact chunks (sweeps >= C - 1): the per-token recurrence inside a chunk, as the fixed point
 #   Z = Z0 - L Ū(Z),   Z0 = diag(e^{b_prev}) W Sᵀ,   L = (W Wᵀ) ⊙ Γ',  Γ'_ij = exp(b_{i-1} - b_j) (j < i)
 # (trellis.py, section 3), reached by sweeps that are matrix products. L is strictly lower
-# triangular, so sweep n leaves rows 1..n+1 exact (rows counted from 1, as in trellis.py) and C - 1 sweeps solve the system. The error
-# shrinks geometrically long before that, so the loop stops once a sweep moves no entry by more
+# triangular, so sweep n leaves rows 1..n+1 exact (rows counted from 1, as in trellis.py) and
+# C - 1 sweeps solve the system. The error shrinks geometrically long before that, so the loop
+# stops once a sweep moves no entry by more
 # than a tolerance times the largest one: 8 fp32 ulps (2^-21) with IEEE dots, and 2^-11 with
 # TF32 dots: one rounding of a TF32 operand (10 stored mantissa bits), the resolution of the
 # sweeps' own products. (Compiled for the GPU, the sweeps settle on a change of about one ulp that

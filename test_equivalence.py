@@ -478,6 +478,31 @@ def test_model_causality(seed, t, mixer, sweeps):
     assert_close(a[:, :t], b[:, :t], 1e-12, "logits before t")
 
 
+def test_alpha_norm_puts_the_target_in_phis_range(monkeypatch):
+    """With alpha_norm every token's target has mean 0 and mean square 1 over the slots (the
+    range of normalized SiLU, closed); without it the projection's alpha is passed as it is. The
+    decoding of such a model equals its forward (the same function in every path)."""
+    seen = []
+    real = tr.trellis_op
+    monkeypatch.setattr(tr, "trellis_op", lambda *a, **k: seen.append(a[3]) or real(*a, **k))
+    idx = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(0))
+    for norm in (True, False):
+        seen.clear()
+        model = random_gates(tiny_model(0, alpha_norm=norm, gamma_max=1.0), 0)
+        with torch.no_grad():
+            for blk in model.blocks:  # a projection far from unit scale
+                blk.mixer.in_proj.weight.mul_(30.0)
+        full = model(idx)[0].log_softmax(-1)
+        alpha = seen[0]
+        means, squares = alpha.mean(-1), alpha.pow(2).mean(-1)
+        if norm:
+            assert means.abs().max() < 1e-9 and (squares - 1).abs().max() < 1e-4
+        else:
+            assert (squares - 1).abs().max() > 0.5
+        got, _ = decode(model, idx[:, :4], idx[:, 4:])
+        assert_close(got.log_softmax(-1), full, 1e-9, "log-probs")
+
+
 def test_state_dict_round_trip():
     """A saved state_dict loaded into another model reproduces the first model's logits exactly."""
     import io

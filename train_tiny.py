@@ -47,7 +47,8 @@ PRESETS = {
 }
 # the flags that define the model, the tokens and the task: a checkpoint's values are authoritative on --resume
 MODEL_FLAGS = ("mixer", "n_layer", "n_embd", "n_head", "dropout", "slots", "phi", "phi_eps", "f", "chunk_size",
-               "sweeps", "no_forget_gate", "gamma_max", "tokenizer", "task", "recall_pairs", "recall_queries")
+               "sweeps", "no_forget_gate", "gamma_max", "alpha_norm", "tokenizer", "task", "recall_pairs",
+               "recall_queries")
 # the flags of the training loop: they may change on --resume, and the run says which did
 LOOP_FLAGS = ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "lr",
               "min_lr_ratio", "warmup_iters", "weight_decay", "grad_clip", "patience", "seed", "dtype", "impl",
@@ -119,6 +120,7 @@ def build_parser():
     a("--sweeps", type=int, help="0: the paper's chunk-start rule; chunk_size - 1: exact (default: 0)")
     a("--no-forget-gate", action="store_const", const=True, help="ablation: beta = 1")
     a("--gamma-max", type=float, help="inner step size bound: gamma = gamma_max * sigmoid(.) (default: 0.1)")
+    a("--alpha-norm", action="store_const", const=True, help="LayerNorm each token's target alpha over the slots")
     a("--impl", choices=["auto", "kernel", "chunked", "loop"], help="operator implementation (default: auto)")
     # the task
     a("--task", choices=["text", "recall", "mqar"], help="language modelling, multi-query associative recall, "
@@ -145,7 +147,8 @@ _MODEL = TrellisConfig()  # the model flags default to TrellisConfig's values
 DEFAULTS = dict(tokenizer="gpt2", log_interval=10, min_lr_ratio=0.1, weight_decay=0.1, grad_clip=1.0, seed=1337,
                 dtype="auto", mixer=_MODEL.mixer, phi=_MODEL.phi, phi_eps=_MODEL.phi_eps, f=_MODEL.f,
                 slots=_MODEL.slots, chunk_size=_MODEL.chunk_size, sweeps=_MODEL.sweeps,
-                no_forget_gate=not _MODEL.forget_gate, gamma_max=_MODEL.gamma_max, impl=_MODEL.impl, task="text",
+                no_forget_gate=not _MODEL.forget_gate, gamma_max=_MODEL.gamma_max, alpha_norm=_MODEL.alpha_norm,
+                impl=_MODEL.impl, task="text",
                 recall_pairs="8,32,128,512", recall_queries=32, sample_tokens=200, prompt="ROMEO:", eval_exact=False,
                 eval_contexts=None)
 
@@ -480,7 +483,7 @@ def model_config(args, vocab_size):
                          phi_eps=args.phi_eps, f=args.f,
                          chunk_size=args.chunk_size, sweeps=args.sweeps, impl=args.impl,
                          forget_gate=not args.no_forget_gate, gamma_max=args.gamma_max,
-                         gamma_init=args.gamma_max / 2)
+                         gamma_init=args.gamma_max / 2, alpha_norm=args.alpha_norm)
 
 
 def load_weights(model, ckpt, path):

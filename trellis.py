@@ -588,6 +588,7 @@ class TrellisConfig:
     gamma_max: float = 0.1  # gamma = gamma_max * sigmoid(.): bounds the C stale steps of a chunk
     gamma_init: float = 0.05  # initial inner step size, through the bias
     learned_init_memory: bool = True  # learned K0, V0 (else zeros)
+    alpha_norm: bool = False  # True: each token's target alpha LayerNorm-ed over the slots (see TrellisMixer)
 
     def __post_init__(self):
         positive = ("vocab_size", "n_layer", "n_embd", "n_head", "slots", "chunk_size")
@@ -676,7 +677,15 @@ def _gate(lin, x):
 
 class TrellisMixer(nn.Module):
     """x -> (q, k, v, alpha, beta, gamma) -> two-pass Trellis operator -> gated output.
-    state (generation): memories K, V [B,H,m,d] and the short convolution's last inputs."""
+    state (generation): memories K, V [B,H,m,d] and the short convolution's last inputs.
+
+    alpha_norm: the paper projects the target alpha = W_alpha x with nothing to bound it, but a
+    normalized-SiLU phi can only output rows of mean 0 and mean square 1 - eps / sd^2 < 1: a
+    target outside that set is never reached, e = y - a never vanishes, and training is free to
+    grow alpha, which steepens the code's Jacobian (its extreme eigenvalues grow with the largest
+    |alpha_k|) and so the step the chunk-start rule takes with stale codes. LayerNorm over the
+    slots (no affine weights) puts every target in that set's closure. An option to measure, not
+    the default: the paper's target is kept. (For phi = identity every target is reachable.)"""
 
     def __init__(self, cfg):
         super().__init__()
@@ -718,6 +727,8 @@ class TrellisMixer(nn.Module):
         q, k = qk.reshape(B, T, 2, H, d).unbind(2)  # 2 x [B,T,H,d]
         v = l2_normalize(v.reshape(B, T, H, d))  # [B,T,H,d]
         alpha = alpha.reshape(B, T, H, m)  # [B,T,H,m]
+        if cfg.alpha_norm:  # the target put in normalized SiLU's range (the class docstring says why)
+            alpha = F.layer_norm(alpha.to(torch.promote_types(alpha.dtype, torch.float32)), (m,)).to(alpha.dtype)
         beta, gamma = _gate(self.gate_proj, x).view(B, T, 2, H).unbind(2)  # 2 x [B,T,H]
         if not cfg.forget_gate:
             beta = torch.ones_like(beta)
