@@ -1649,12 +1649,15 @@ def test_answer_accuracy_counts_answer_positions_only():
 
 
 def test_mqar_task_trains_and_reports_accuracy(tmp_path, monkeypatch):
-    """--task mqar trains end to end on the mixture and reports an accuracy per test (T, n)."""
+    """--task mqar trains end to end on the mixture and reports an accuracy per test (T, n), and
+    with --eval-exact the same weights' loss and accuracies under the exact recurrence."""
     import train_tiny
 
     monkeypatch.setattr(train_tiny, "MQAR_TEST", [(64, 4), (128, 16)])
     monkeypatch.setattr(train_tiny.mqar_accuracy, "__defaults__", (20, 10))
-    out = _run(tmp_path, "--task", "mqar", "--max-iters", "4", "--eval-interval", "2", "--batch-size", "2")
-    assert set(out["mqar_accuracy"]) == {"64/4", "128/16"}
+    out = _run(tmp_path, "--task", "mqar", "--max-iters", "4", "--eval-interval", "2", "--batch-size", "2",
+               "--eval-exact")
+    assert set(out["mqar_accuracy"]) == set(out["mqar_accuracy_exact"]) == {"64/4", "128/16"}
+    assert math.isfinite(out["val_loss_exact"]) and out["val_loss_exact"] != out["best_val_loss"]
     assert all(0 <= a <= 1 for a in out["mqar_accuracy"].values()) and out["task"] == "mqar"
 

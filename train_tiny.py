@@ -132,7 +132,8 @@ def build_parser():
     a("--sample-tokens", type=int, help="tokens generated from the best weights at the end; 0: none (default: 200)")
     a("--prompt", help="(default: 'ROMEO:')")
     a("--eval-exact", action="store_const", const=True,
-      help="also report the best model's val loss under the exact recurrence (sweeps = chunk_size - 1)")
+      help="also report the best model's val loss (and --task mqar's accuracies) under the exact recurrence "
+           "(sweeps = chunk_size - 1): the same weights, read exactly")
     a("--eval-contexts", help="e.g. 256,1024,4096,16384: val loss of the best model at these contexts")
     a("--eval-from", metavar="CKPT", help="evaluate CKPT at --eval-contexts instead of training")
     # benchmarks instead of training
@@ -950,6 +951,16 @@ def train(args):
             model.load_state_dict(load_checkpoint(best_path)["model"])
             print(f"loaded the best weights: val loss {st['best_val_loss']:.4f} at iter {st['best_iter']} "
                   f"({best_path})")
+        if args.eval_exact and cfg.mixer == "trellis" and cfg.sweeps < cfg.chunk_size - 1:
+            # the same weights read by the exact recurrence: how far the chunk-start rule is from it
+            exact = TrellisLM(replace(cfg, sweeps=cfg.chunk_size - 1)).to(args.device)
+            exact.load_state_dict(model.state_dict())
+            extra["val_loss_exact"] = estimate_loss(exact, {"val": split["val"]}, args, ctx)["val"]
+            print(f"val loss of the best model under the exact recurrence: {extra['val_loss_exact']:.4f}")
+            if args.task == "mqar":
+                extra["mqar_accuracy_exact"] = accuracy = mqar_accuracy(exact, args, ctx)
+                print("MQAR accuracy, exact: " + ", ".join(f"{c}: {a:.3f}" for c, a in accuracy.items()))
+            del exact
         if args.task == "recall":
             extra["recall_accuracy"] = recall_accuracy(model, args, ctx)
             accuracy = extra["recall_accuracy"]
@@ -958,13 +969,6 @@ def train(args):
             extra["mqar_accuracy"] = accuracy = mqar_accuracy(model, args, ctx)
             print("MQAR accuracy by T/pairs: " + ", ".join(f"{c}: {a:.3f}" for c, a in accuracy.items()))
         else:
-            if args.eval_exact and cfg.mixer == "trellis" and cfg.sweeps < cfg.chunk_size - 1:
-                # the same weights, read exactly
-                exact = TrellisLM(replace(cfg, sweeps=cfg.chunk_size - 1)).to(args.device)
-                exact.load_state_dict(model.state_dict())
-                extra["val_loss_exact"] = estimate_loss(exact, {"val": split["val"]}, args, ctx)["val"]
-                print(f"val loss of the best model under the exact recurrence: {extra['val_loss_exact']:.4f}")
-                del exact
             if args.eval_contexts is not None:
                 extra["context_losses"] = context_losses(model, split["val"], args.eval_contexts_list, args, ctx)
                 print_context_table(extra["context_losses"])
