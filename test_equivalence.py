@@ -660,7 +660,7 @@ KERNEL_DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") == "0" and torch.cu
 ON_GPU = KERNEL_DEVICE == "cuda"
 # Compiled, each new size, option or integer argument's specialization is a new set of kernels
 # (seconds each). On the GPU the properties therefore draw few examples of fixed sizes, so that a
-# fresh machine compiles a bounded set; the interpreter, which compiles nothing, draws any size.
+# newly started machine compiles a bounded set; the interpreter, which compiles nothing, draws any size.
 gpu_bounded = settings(max_examples=6) if ON_GPU else (lambda fn: fn)
 
 
