@@ -31,7 +31,19 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     # The Hopper shared-memory test compiles kernels for sm_90 with ptxas, minutes of one core:
     # started now, it runs beside the other tests (pytest itself keeps one core busy).
+    if config.option.collectonly:
+        return
     if any(item.name == "test_hopper_shared_memory_fits_the_accepted_sizes" for item in items):
         import test_equivalence
 
         test_equivalence.start_hopper_compile()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # a run cut short (Ctrl-C, -x) leaves no compile behind
+    import sys
+
+    for run in getattr(sys.modules.get("test_equivalence"), "_hopper_compile", []):
+        if run.poll() is None:
+            run.kill()
+            run.wait()
