@@ -36,14 +36,5 @@ def pytest_collection_modifyitems(config, items):
     if any(item.name == "test_hopper_shared_memory_fits_the_accepted_sizes" for item in items):
         import test_equivalence
 
-        test_equivalence.start_hopper_compile()
-
-
-def pytest_sessionfinish(session, exitstatus):
-    # a run cut short (Ctrl-C, -x) leaves no compile behind
-    import sys
-
-    for run in getattr(sys.modules.get("test_equivalence"), "_hopper_compile", []):
-        if run.poll() is None:
-            run.kill()
-            run.wait()
+        run = test_equivalence.start_hopper_compile()
+        config.add_cleanup(lambda: run.poll() is None and (run.kill(), run.wait()))  # a run cut short

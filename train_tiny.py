@@ -718,14 +718,12 @@ def check_prompt(args, encode, text):
     given --prompt. The default prompt, 'ROMEO:', falls back to the text's first character."""
     if args.sample_tokens == 0:
         return None
-    if "prompt" not in args.given:
-        try:
-            encode(args.prompt)
-        except KeyError:
-            args.prompt = text[:1]
     try:
         ids = encode(args.prompt)
     except KeyError as e:
+        if "prompt" not in args.given:  # the default, for a text without its characters
+            args.prompt = text[:1]
+            return encode(args.prompt)
         fail(f"error: --prompt {args.prompt!r} has the character {e.args[0]!r}, which the text (and so --tokenizer "
              f"char) does not have: use characters of the text", code=2)
     if not ids:
@@ -1001,7 +999,7 @@ def eval_from(args):
         fail(f"error: --eval-from: no checkpoint at {args.eval_from}", code=2)
     ckpt = load_checkpoint(args.eval_from)
     summary_path = os.path.join(os.path.dirname(args.eval_from) or ".", "summary.json")
-    read_summary(summary_path)  # before the evaluation: a summary it could not be added to stops the run now
+    summary = read_summary(summary_path)  # before the evaluation: one it could not add to stops the run now
     saved = ckpt["args"]
     if saved.get("task", "text") != "text":
         fail(f"error: {args.eval_from} was trained on --task {saved['task']}; --eval-contexts needs a text model",
@@ -1022,7 +1020,6 @@ def eval_from(args):
     losses = context_losses(model, split["val"], args.eval_contexts_list, args, autocast_for(args))
     print(f"{args.eval_from}: {cfg.mixer}, trained at context {saved.get('block_size')}")
     print_context_table(losses)
-    summary = read_summary(summary_path)
     summary.setdefault("context_losses_from", {})[os.path.basename(args.eval_from)] = {
         str(T): r for T, r in losses.items()}
     atomic_json(summary, summary_path)

@@ -944,10 +944,10 @@ def trellis_continue(q, k, v, alpha, beta, gamma, state, *, chunk_size, sweeps, 
     if body < chunk_size:  # too short to gain from the chunked form: all token by token
         head, body = T, 0
     outs, t0 = [], 0
+    opts = dict(chunk_size=chunk_size, sweeps=sweeps, **eps_phi_f)
     for t1, how in ((head, "loop"), (head + body, impl), (T, "loop")):
         if t1 > t0:
             part = [t[:, t0:t1] for t in (q, k, v, alpha, beta, gamma)]
-            opts = dict(chunk_size=chunk_size, sweeps=sweeps, **eps_phi_f)
             if how == "loop":
                 o, K, V = _two_passes(*part, K, V, "loop", pos=pos + t0, **opts)
             else:  # at a chunk boundary every level holds the memory
