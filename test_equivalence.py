@@ -1657,7 +1657,53 @@ def test_mqar_task_trains_and_reports_accuracy(tmp_path, monkeypatch):
     monkeypatch.setattr(train_tiny.mqar_accuracy, "__defaults__", (20, 10))
     out = _run(tmp_path, "--task", "mqar", "--max-iters", "4", "--eval-interval", "2", "--batch-size", "2",
                "--eval-exact")
-    assert set(out["mqar_accuracy"]) == set(out["mqar_accuracy_exact"]) == {"64/4", "128/16"}
+    acc = out["mqar_accuracy"]
+    assert set(acc) == set(out["mqar_accuracy_exact"]) == {"64/4", "128/16", "all"}
+    assert acc["all"] == pytest.approx((20 * 4 * acc["64/4"] + 20 * 16 * acc["128/16"]) / (20 * 4 + 20 * 16))
     assert math.isfinite(out["val_loss_exact"]) and out["val_loss_exact"] != out["best_val_loss"]
-    assert all(0 <= a <= 1 for a in out["mqar_accuracy"].values()) and out["task"] == "mqar"
+    assert all(0 <= a <= 1 for a in acc.values()) and out["task"] == "mqar"
+    assert [h["iter"] for h in out["history"]] == [0, 2, 4] and all(0 <= h["val_accuracy"] <= 1 for h in out["history"])
+    assert len(out["stability"]) == 1 and math.isfinite(out["stability"][0]["key"]["kappa_max"])  # one layer
+
+
+@pytest.mark.parametrize("C", [1, 3])
+def test_code_trajectory_reads_the_rules_memory(C):
+    """The stability report's z: z_t = M w_t with M the memory before token t (C = 1) or before
+    t's chunk (the chunk-start rule), that memory taken from pass_loop run up to there."""
+    import train_tiny
+
+    torch.manual_seed(C)
+    B, H, T, m, d = 2, 2, 7, 5, 4
+    W = F.normalize(torch.randn(B, H, T, d, dtype=torch.float64), dim=-1)
+    A = torch.randn(B, H, T, m, dtype=torch.float64)
+    beta, gamma = torch.rand(B, H, T, dtype=torch.float64), 0.5 * torch.rand(B, H, T, dtype=torch.float64)
+    S = torch.randn(B, H, m, d, dtype=torch.float64)
+    Z = train_tiny.code_trajectory(W, A, beta, gamma, S, "norm_silu", 1.0, C)
+    for t in range(T):
+        t0 = t - t % C  # the memory is the one after token t0 - 1
+        M = S if t0 == 0 else tr.pass_loop(W[:, :, :t0], A[:, :, :t0], beta[:, :, :t0], gamma[:, :, :t0], S,
+                                           W[:, :, :t0], "q", "norm_silu", 1.0, chunk_size=C)[1][-1]
+        torch.testing.assert_close(Z[:, :, t], (M @ W[:, :, t, :, None])[..., 0], rtol=1e-12, atol=1e-12)
+
+
+def test_stability_report_measures_what_it_names():
+    """phi = identity has J = I; the exact rule has no gap to itself, the chunk-start rule has one;
+    alpha's rms and peak are those of the layer's targets."""
+    import train_tiny
+
+    torch.manual_seed(0)
+    x = torch.randint(64, (2, 24))
+    for phi, sweeps in (("identity", 0), ("norm_silu", 0), ("norm_silu", 7)):
+        cfg = tr.TrellisConfig(vocab_size=64, n_layer=2, n_embd=32, n_head=2, slots=6, chunk_size=8, phi=phi,
+                            sweeps=sweeps, gamma_max=1.5, gamma_init=1.0)
+        model = tr.TrellisLM(cfg)
+        report = train_tiny.stability_report(model, x, chunks=3)
+        assert len(report) == 2
+        for r in report:
+            if phi == "identity":
+                assert r["key"]["J_min"] == pytest.approx(1) and r["value"]["J_max"] == pytest.approx(1)
+            assert (r["read_gap"] == 0) == (sweeps == 7) and r["read_gap"] < 1
+        block = model.blocks[0]
+        alpha = block.mixer.operator_inputs(block.norm1(model.wte(x)))[3]
+        assert report[0]["alpha_peak"] == pytest.approx(alpha.abs().max().item())
 

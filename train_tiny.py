@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import trellis
 from trellis import TrellisConfig, TrellisLM, state_numel
 
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -449,29 +450,141 @@ def mqar_step_batch(args, gen):
     return to_device(*mqar_batch(T, n, args.batch_size, gen), args.device)
 
 
+def answer_hits(logits, y):
+    """(correct, counted) in one batch; answer positions are those with y >= 0."""
+    mask = y >= 0
+    return (logits.argmax(-1)[mask] == y[mask]).sum().item(), mask.sum().item()
+
+
 @torch.no_grad()
-def answer_accuracy(model, batches, ctx):
-    """Fraction of answer positions (y >= 0) whose argmax prediction is the answer."""
+def answer_counts(model, batches, ctx):
+    """(correct, counted) over the batches: argmax predictions equal to the answer at the answer positions."""
     model.eval()
     hits = total = 0
     for x, y in batches:
         with ctx:
-            logits = model(x)[0]
-        mask = y >= 0
-        hits += (logits.argmax(-1)[mask] == y[mask]).sum().item()
-        total += mask.sum().item()
+            h, n = answer_hits(model(x)[0], y)
+        hits, total = hits + h, total + n
     model.train()
+    return hits, total
+
+
+def answer_accuracy(model, batches, ctx):
+    hits, total = answer_counts(model, batches, ctx)
     return hits / total
 
 
 def mqar_accuracy(model, args, ctx, sequences=1000, batch=50):
-    """Accuracy per test (T, n) on the same fresh sequences for every model: {"T/n": accuracy}."""
-    out = {}
+    """Accuracy per test (T, n) on the same fresh sequences for every model, {"T/n": accuracy},
+    and "all": every answer of the test set pooled (the accuracy Zoology plots)."""
+    out, hits, total = {}, 0, 0
     for T, n in MQAR_TEST:
         gen = torch.Generator().manual_seed(100_000 + T + n)
         batches = [to_device(*mqar_batch(T, n, batch, gen), args.device) for _ in range(sequences // batch)]
-        out[f"{T}/{n}"] = answer_accuracy(model, batches, ctx)
+        h, c = answer_counts(model, batches, ctx)
+        out[f"{T}/{n}"], hits, total = h / c, hits + h, total + c
+    out["all"] = hits / total
     return out
+
+
+# -----------------------------------------------------------------------------
+# the chunk-start rule's stability, per layer (--eval-exact prints it)
+#
+# The chunk-start rule takes a chunk's C codes at the chunk's start memory. Linearized, one chunk
+# maps an error dS of that memory to e^{b_C} dS - sum_j gamma_j e^{b_C - b_j} J_j dS w_j w_j^T,
+# where J_j = du/dz at token j, the Hessian of 1/2 ||phi(z) - a_j||^2 (symmetric). The map stops
+# contracting once kappa = lambda_max(sum_j gamma_j e^{b_C - b_j} w_j w_j^T) max_j lambda_max(J_j)
+# exceeds 2; the sum grows with the number of aligned writes in a chunk. The exact rule takes
+# one token at a time and only needs gamma_j lambda_max(J_j) < 2 (for unit w).
+
+
+def code_trajectory(W, A, beta, gamma, S, phi, phi_eps, C):
+    """z [B,H,T,m] as a pass computes it: each z of a chunk of C tokens from the chunk's start
+    memory (C = 1: the exact recurrence, z_t = M_{t-1} w_t). Shapes as in trellis.pass_loop."""
+    zs = []
+    for t in range(W.shape[2]):
+        if t % C == 0:
+            start = S  # [B,H,m,d]
+        w = W[:, :, t]  # [B,H,d]
+        zs.append((start @ w[..., None])[..., 0])  # [B,H,m]
+        u = gamma[:, :, t, None] * trellis.error_code(phi, zs[-1], A[:, :, t], phi_eps)
+        S = beta[:, :, t, None, None] * S - u[..., :, None] * w[..., None, :]
+    return torch.stack(zs, 2)
+
+
+@torch.no_grad()
+def stability_report(model, x, chunks=16, seed=0):
+    """Per Trellis layer, on the batch x [B,T], in float64: alpha's rms and peak; per pass, the
+    extreme eigenvalues of J at the z that the model's rule computes (the chunk-start z unless
+    the rule is exact) and kappa, over `chunks` random chunks (median and max); and read_gap,
+    the relative difference of the layer's output o from the exact rule's on the same inputs."""
+    seen = []
+    hooks = [mod.register_forward_pre_hook(lambda mod, args: seen.append((mod, args[0])))
+             for mod in model.modules() if isinstance(mod, trellis.TrellisMixer)]
+    was_training = model.training
+    try:
+        model.eval()
+        model(x)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    report = []
+    for mixer, h in seen:
+        cfg = mixer.cfg
+        q, k, v, alpha, beta, gamma = (t.double() for t in mixer.operator_inputs(h.float())[:6])
+        B, T, H, d = q.shape
+        K0, V0 = (torch.zeros(B, H, cfg.slots, d, dtype=torch.float64, device=q.device) if M is None
+                  else M.double().expand(B, H, cfg.slots, d) for M in (mixer.K0, mixer.V0))
+        ops = dict(phi=cfg.phi, f=cfg.f, chunk_size=cfg.chunk_size, phi_eps=cfg.phi_eps, f_eps=cfg.f_eps,
+                   impl="chunked")
+        o = trellis.trellis_op(q, k, v, alpha, beta, gamma, K0, V0, sweeps=cfg.sweeps, **ops)[0]
+        o_exact = trellis.trellis_op(q, k, v, alpha, beta, gamma, K0, V0, sweeps=cfg.chunk_size - 1, **ops)[0]
+        row = dict(alpha_rms=alpha.pow(2).mean().sqrt().item(), alpha_peak=alpha.abs().max().item(),
+                   read_gap=((o - o_exact).norm() / o_exact.norm()).item())
+        A, lb, g = (t.transpose(1, 2) for t in (alpha, beta.log(), gamma))  # [B,H,T,m], [B,H,T] x 2
+        C = cfg.chunk_size
+        gen = torch.Generator().manual_seed(seed)
+        picks = [(torch.randint(B, (1,), generator=gen).item(), torch.randint(H, (1,), generator=gen).item(),
+                  torch.randint(max(1, T // C), (1,), generator=gen).item()) for _ in range(chunks)]
+        loss = lambda z, a: 0.5 * (trellis.PHI[cfg.phi][0](z, cfg.phi_eps) - a).pow(2).sum()  # noqa: E731
+        hessians = torch.func.vmap(torch.func.jacrev(torch.func.grad(loss)))  # J = du/dz, [n,m,m]
+        for name, W, S in (("key", k, K0), ("value", v, V0)):
+            W = W.transpose(1, 2)  # [B,H,T,d]
+            Z = code_trajectory(W, A, beta.transpose(1, 2), g, S, cfg.phi, cfg.phi_eps,
+                                trellis.loop_levels(C, cfg.sweeps)[0])  # [B,H,T,m]
+            lo, hi, kappa = [], [], []
+            for b, hd, c in picks:
+                rows = slice(c * C, min(T, c * C + C))
+                eig = torch.linalg.eigvalsh(hessians(Z[b, hd, rows], A[b, hd, rows]))  # [c,m]
+                bs = lb[b, hd, rows].cumsum(0)  # [c]
+                w = W[b, hd, rows] * (g[b, hd, rows] * torch.exp(bs[-1] - bs)).sqrt()[:, None]  # [c,d]
+                kappa.append(torch.linalg.eigvalsh(w.T @ w)[-1].item() * eig[:, -1].max().item())
+                lo.append(eig[:, 0].min().item())
+                hi.append(eig[:, -1].max().item())
+            row[name] = dict(J_min=min(lo), J_max=max(hi), kappa_median=float(np.median(kappa)), kappa_max=max(kappa))
+        report.append(row)
+    return report
+
+
+def stability_batch(args, split, sequences=8):
+    """The batch the stability report reads: val text, or the longest training mixture's recall."""
+    gen = torch.Generator().manual_seed(3)
+    if args.task == "mqar":
+        return mqar_batch(*max(MQAR_TRAIN), sequences, gen)[0].to(args.device)
+    if args.task == "recall":
+        n = max(args.recall_pairs_list)
+        return recall_batch(n, min(args.recall_queries, n), sequences, gen)[0].to(args.device)
+    return get_batch(split["val"], args, gen)[0][:sequences].to(args.device)
+
+
+def print_stability(report):
+    print("layer  alpha rms / peak   pass   J eigenvalues      kappa median / max   read gap vs exact")
+    for i, r in enumerate(report):
+        for name in ("key", "value"):
+            p = r[name]
+            print(f"{i:5d}  {r['alpha_rms']:8.2f} / {r['alpha_peak']:6.2f}   {name:5s}  {p['J_min']:7.2f} .. "
+                  f"{p['J_max']:6.2f}   {p['kappa_median']:8.2f} / {p['kappa_max']:6.2f}    {r['read_gap']:.3g}")
 
 
 # -----------------------------------------------------------------------------
@@ -665,11 +778,17 @@ def estimate_loss(model, split, args, ctx):
         else:
             gen = torch.Generator().manual_seed(0)
             batches = [get_batch(data, args, gen) for _ in range(args.eval_iters)]
-        losses = []
+        losses, hits, counted = [], 0, 0
         for x, y in batches:
             with ctx:
-                losses.append(model(x, targets=y)[1].item())
+                logits, loss, _ = model(x, targets=y)
+            losses.append(loss.item())
+            if args.task != "text":  # and the answers' accuracy, to see when recall stops improving
+                h, n = answer_hits(logits, y)
+                hits, counted = hits + h, counted + n
         out[name] = float(np.mean(losses))
+        if counted:
+            out[f"{name}_accuracy"] = hits / counted
     model.train()
     return out
 
@@ -860,7 +979,9 @@ def train(args):
             st["evals_since_best"] += 1
         st["history"].append(dict(iter=it, **losses))
         st["last_eval"] = it  # set only once the evaluation is complete: an interrupted one is redone
-        print(f"eval {it}: train {losses['train']:.4f}, val {losses['val']:.4f} (best {st['best_val_loss']:.4f})")
+        accuracy = f", val accuracy {losses['val_accuracy']:.3f}" if "val_accuracy" in losses else ""
+        print(f"eval {it}: train {losses['train']:.4f}, val {losses['val']:.4f} (best {st['best_val_loss']:.4f})"
+              + accuracy)
         save(ckpt_path)  # the latest, for --resume
         if improved:  # the best weights so far: a copy of the file just written, also atomic
             atomic_copy(ckpt_path, best_path)
@@ -959,6 +1080,8 @@ def train(args):
                 extra["mqar_accuracy_exact"] = accuracy = mqar_accuracy(exact, args, ctx)
                 print("MQAR accuracy, exact: " + ", ".join(f"{c}: {a:.3f}" for c, a in accuracy.items()))
             del exact
+            extra["stability"] = stability_report(model, stability_batch(args, split))
+            print_stability(extra["stability"])
         if args.task == "recall":
             extra["recall_accuracy"] = recall_accuracy(model, args, ctx)
             accuracy = extra["recall_accuracy"]

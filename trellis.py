@@ -710,18 +710,17 @@ class TrellisMixer(nn.Module):
         nn.init.constant_(self.gate_proj.bias[:H], logit(self.cfg.beta_init))
         nn.init.constant_(self.gate_proj.bias[H:], logit(self.cfg.gamma_init / self.cfg.gamma_max))
 
-    def forward(self, x, state=None):
+    def operator_inputs(self, x, conv_state=None):
+        """x [B,T,n] -> q, k, v [B,T,H,d], alpha [B,T,H,m], beta, gamma [B,T,H], the output
+        gate g [B,T,n] and the short convolution's state."""
         cfg = self.cfg
         B, T, n = x.shape
         H, m = cfg.n_head, cfg.slots
         d = n // H
-        tracked = state is not None  # decoding: carry the state to the next call
-        state = dict(state or {})
         qk, v, g, alpha = self.in_proj(x).split([2 * n, n, n, H * m], dim=-1)  # [B,T,2n|n|n|H*m]
-        new_state = {}
         # q, k, v L2-normalized per head: gamma ||w||^2 = gamma <= gamma_max (section 1's bound)
         if self.qk_conv is not None:
-            qk, new_state["qk_conv"] = self.qk_conv(qk, state.get("qk_conv"), head=d)
+            qk, conv_state = self.qk_conv(qk, conv_state, head=d)
         else:
             qk = l2_normalize(qk.reshape(B, T, 2 * H, d))
         q, k = qk.reshape(B, T, 2, H, d).unbind(2)  # 2 x [B,T,H,d]
@@ -732,7 +731,17 @@ class TrellisMixer(nn.Module):
         beta, gamma = _gate(self.gate_proj, x).view(B, T, 2, H).unbind(2)  # 2 x [B,T,H]
         if not cfg.forget_gate:
             beta = torch.ones_like(beta)
-        gamma = cfg.gamma_max * gamma
+        return q, k, v, alpha, beta, cfg.gamma_max * gamma, g, conv_state
+
+    def forward(self, x, state=None):
+        cfg = self.cfg
+        B, T, n = x.shape
+        H, m = cfg.n_head, cfg.slots
+        d = n // H
+        tracked = state is not None  # decoding: carry the state to the next call
+        state = dict(state or {})
+        q, k, v, alpha, beta, gamma, g, conv_state = self.operator_inputs(x, state.get("qk_conv"))
+        new_state = {} if conv_state is None else {"qk_conv": conv_state}
         ops = dict(phi=cfg.phi, f=cfg.f, chunk_size=cfg.chunk_size, sweeps=cfg.sweeps, phi_eps=cfg.phi_eps,
                    f_eps=cfg.f_eps, impl=cfg.impl)
         K0, V0 = (None if M is None else M.expand(B, H, m, d) for M in (self.K0, self.V0))
