@@ -67,14 +67,12 @@ k) has a pass each way of its own, in the section before the check: short_conv_s
 
     python kernel.py                  # GPU: check against the PyTorch forms, then the benchmark table
     python kernel.py --short-conv     # GPU: the short convolution against its PyTorch form
-    python kernel.py --device cpu     # CPU: the PyTorch loop vs chunked table
 """
 
 import argparse
 import contextlib
 import math
 import os
-import time
 
 import torch
 import triton
@@ -132,22 +130,11 @@ def _norm_stats(s, mm, M, EPS: tl.constexpr):
 
 
 @triton.jit
-def _code_stats(z, a, mm, M, EPS: tl.constexpr):
-    """Normalized SiLU's code u = J_phi(z)ᵀ (phi(z) - a) with its row statistics: the LayerNorm's
-    mean mu and 1 / sd rsd, and of e = y - a (y the normalized row) mean(e) and mean(e y)."""
-    s, s1, _ = _silu_parts(z)
-    y, rsd, mu = _norm_stats(s, mm, M, EPS)
-    e = tl.where(mm, y - a, 0.0)
-    me, ey = tl.sum(e, 1) / M, tl.sum(e * y, 1) / M
-    u = s1 * (e - me[:, None] - y * ey[:, None]) * rsd[:, None]  # s1 ⊙ J_y e (J_y is symmetric)
-    return tl.where(mm, u, 0.0), mu, rsd, me, ey
-
-
-@triton.jit
 def _code_lin(z, a, mm, M, PHI: tl.constexpr, EPS: tl.constexpr):
-    """u = J_phi(z)ᵀ (phi(z) - a), and what its vector-Jacobian product (_code_vjp) needs that
-    does not depend on the incoming gradient: tiles k1, s1, y and, per row, rsd, c0, c1, c2
-    (normalized SiLU; from the row statistics with mean(y) = 0 and mean(y²) = 1 - eps rsd²)."""
+    """u = J_phi(z)ᵀ (phi(z) - a) (F2), and the terms of its vector-Jacobian product (_code_vjp)
+    that do not depend on the incoming gradient: tiles k1 (du/dz slot by slot), s1 = silu'(z),
+    y = phi(z) and, per row, rsd, c0 = 1 - mean(e y), c1 = 2 c0 + 1 - mean(y²) and c2 = mean(e),
+    e = y - a (normalized SiLU; trellis.py section 1 and code_vjp; mean(y²) = 1 - eps rsd²)."""
     if PHI == 0:
         u = z - a
         k1, s1, y, rsd = u, u, u, tl.sum(u, 1)  # placeholders, unused (and compiled away)
@@ -155,60 +142,58 @@ def _code_lin(z, a, mm, M, PHI: tl.constexpr, EPS: tl.constexpr):
     elif PHI == 1:
         s, s1, s2 = _silu_parts(z)
         u = s1 * (s - a)
-        k1 = s2 * (s - a) + s1 * s1  # du/dz, slot by slot
+        k1 = s2 * (s - a) + s1 * s1
         y, rsd = u, tl.sum(u, 1)  # placeholders, unused (and compiled away)
         c0, c1, c2 = rsd, rsd, rsd
     else:
-        _, mu, rsd, me, ey = _code_stats(z, a, mm, M, EPS)
         s, s1, s2 = _silu_parts(z)
-        y = tl.where(mm, s - mu[:, None], 0.0) * rsd[:, None]
+        y, rsd, _ = _norm_stats(s, mm, M, EPS)
         e = tl.where(mm, y - a, 0.0)
-        h = (e - me[:, None] - y * ey[:, None]) * rsd[:, None]  # J_y e (J_y is symmetric)
+        c2, ey = tl.sum(e, 1) / M, tl.sum(e * y, 1) / M
+        h = (e - c2[:, None] - y * ey[:, None]) * rsd[:, None]  # J_y e (J_y is symmetric)
         u = s1 * h
         c0 = 1 - ey
-        c1 = 2 * c0 + EPS * rsd * rsd  # 2 c0 + 1 - mean(y²)
-        c2 = me
+        c1 = 2 * c0 + EPS * rsd * rsd
         k1 = h * s2 + ((rsd * rsd * c0)[:, None] * s1) * s1
     return tl.where(mm, u, 0.0), k1, s1, y, rsd, c0, c1, c2
 
 
 @triton.jit
 def _code_fwd(z, a, mm, M, PHI: tl.constexpr, EPS: tl.constexpr):
-    """u = J_phi(z)ᵀ (phi(z) - a)."""
-    if PHI == 2:
-        u, _, _, _, _ = _code_stats(z, a, mm, M, EPS)
-    else:
-        u, _, _, _, _, _, _, _ = _code_lin(z, a, mm, M, PHI, EPS)
+    """u = J_phi(z)ᵀ (phi(z) - a): _code_lin without its other terms (compiled away)."""
+    u, _, _, _, _, _, _, _ = _code_lin(z, a, mm, M, PHI, EPS)
     return u
 
 
 @triton.jit
 def _code_vjp(dU, g, u, k1, s1, y, a, rsd, c0, c1, c2, mm, M, PHI: tl.constexpr):
-    """(dz, da, dg) for Ū = g ⊙ code(z, a) and dL/dŪ = dU, from _code_lin's terms at (z, a): B3,
-    trellis.py's code_vjp in closed form.
-    For normalized SiLU the product J_codeᵀ du (du = g dU, p = du ⊙ s1, means over the real
-    slots) collapses to
-        dz = du ⊙ k1 - s1 ⊙ (y r1 - a r2 + r3),   da = -(p - mean(p) - y mean(p y)) rsd,
-        k1 = h ⊙ silu'' + rsd² (1 - mean(e y)) s1²,   r2 = rsd² mean(p y),
-        r1 = r2 (3 - 2 mean(e y) - mean(y²)) + rsd mean(du ⊙ u),
-        r3 = rsd² ((1 - mean(e y)) mean(p) - mean(p y) (mean(y) + mean(e))),
-    three row sums that need du (NOTES.md, section 2)."""
+    """B3: (dz, da, dg) for Ū = g ⊙ code(z, a) with dL/dŪ = dU, from _code_lin's terms at (z, a);
+    trellis.py's code_vjp in closed form. For normalized SiLU, with u = s1 ⊙ h,
+    h = (c0 y - a - c2) rsd, and three row sums of q = dU ⊙ s1 over the real slots:
+        dg = Σ dU ⊙ u = rsd (c0 Σ q y - Σ q a - c2 Σ q),
+        dz = du ⊙ k1 - s1 ⊙ (y r1 - a r2 + r3),   da = -(q - mean(q) - y mean(q y)) g rsd,
+        du = g dU,  r2 = g rsd² mean(q y),  r1 = c1 r2 + g rsd dg / M,
+        r3 = g rsd² (c0 mean(q) - c2 mean(q y));
+    u itself is only read for identity and SiLU."""
     du = g[:, None] * dU
-    dg = tl.sum(dU * u, 1)
     if PHI == 0:
         dz = du
         da = -du
+        dg = tl.sum(dU * u, 1)
     elif PHI == 1:
         dz = du * k1
         da = -du * s1
+        dg = tl.sum(dU * u, 1)
     else:
-        p = tl.where(mm, du * s1, 0.0)
-        mp, py = tl.sum(p, 1) / M, tl.sum(p * y, 1) / M
-        r2 = rsd * rsd * py
-        r1 = r2 * c1 + rsd * (g * dg / M)  # g dg / M = mean(du ⊙ u)
-        r3 = rsd * rsd * (c0 * mp - py * c2)
+        q = tl.where(mm, dU * s1, 0.0)
+        sq, sqy, sqa = tl.sum(q, 1), tl.sum(q * y, 1), tl.sum(q * a, 1)
+        dg = rsd * (c0 * sqy - sqa - c2 * sq)
+        mq, qy = sq / M, sqy / M
+        r2 = g * rsd * rsd * qy
+        r1 = c1 * r2 + g * rsd * dg / M
+        r3 = g * rsd * rsd * (c0 * mq - c2 * qy)
         dz = du * k1 - s1 * (y * r1[:, None] - a * r2[:, None] + r3[:, None])
-        da = -(p - mp[:, None] - y * py[:, None]) * rsd[:, None]
+        da = -(q - mq[:, None] - y * qy[:, None]) * (g * rsd)[:, None]
     return tl.where(mm, dz, 0.0), tl.where(mm, da, 0.0), dg
 
 
@@ -383,26 +368,6 @@ def _exact_codes_fwd(Z0, L, a, g, mm, M, PHI: tl.constexpr, EPS: tl.constexpr, C
 
 
 @triton.jit
-def _code_dz(dU, g, k1, s1, y, a, rsd, c0, c1, c2, mm, M, PHI: tl.constexpr):
-    """dz of _code_vjp alone, for the sweeps of _exact_codes_bwd. For normalized SiLU without the
-    tile u = s1 ⊙ h: with h = (c0 y - a - c2) rsd, mean(du ⊙ u) = rsd (c0 mean(p y) - mean(p a)
-    - c2 mean(p)), again three row sums."""
-    du = g[:, None] * dU
-    if PHI == 0:
-        dz = du
-    elif PHI == 1:
-        dz = du * k1
-    else:
-        p = tl.where(mm, du * s1, 0.0)
-        mp, py, pa = tl.sum(p, 1) / M, tl.sum(p * y, 1) / M, tl.sum(p * a, 1) / M
-        r2 = rsd * rsd * py
-        r1 = r2 * c1 + rsd * rsd * (c0 * py - pa - c2 * mp)
-        r3 = rsd * rsd * (c0 * mp - py * c2)
-        dz = du * k1 - s1 * (y * r1[:, None] - a * r2[:, None] + r3[:, None])
-    return tl.where(mm, dz, 0.0)
-
-
-@triton.jit
 def _exact_codes_bwd(L, a, g, dU, u, k1, s1, y, rsd, c0, c1, c2, mm, M, PHI: tl.constexpr, C: tl.constexpr,
                      PREC: tl.constexpr):
     """B6: the adjoint of _exact_codes_fwd at its solution, from the code's terms there (_code_lin;
@@ -415,18 +380,11 @@ def _exact_codes_bwd(L, a, g, dU, u, k1, s1, y, rsd, c0, c1, c2, mm, M, PHI: tl.
     n = 0
     moving = True
     while (n < C) & moving:
-        dZ_next = _code_dz(dU - _dot(tl.trans(L), dZ, PREC), g, k1, s1, y, a, rsd, c0, c1, c2, mm, M, PHI)
+        dZ_next, _, _ = _code_vjp(dU - _dot(tl.trans(L), dZ, PREC), g, u, k1, s1, y, a, rsd, c0, c1, c2, mm, M, PHI)
         moving = _moving(dZ_next, dZ, PREC)
         dZ = dZ_next
         n += 1
-    dUe = dU - _dot(tl.trans(L), dZ, PREC)
-    if PHI == 2:  # _code_vjp's dα and dγ from q = dŪ ⊙ s1 and u = s1 ⊙ (c0 y - a - c2) rsd (_code_dz)
-        q = tl.where(mm, dUe * s1, 0.0)
-        sq, qy, qa = tl.sum(q, 1), tl.sum(q * y, 1), tl.sum(q * a, 1)
-        dg = rsd * (c0 * qy - qa - c2 * sq)
-        da = tl.where(mm, -(q - (sq / M)[:, None] - y * (qy / M)[:, None]) * (g * rsd)[:, None], 0.0)
-    else:
-        _, da, dg = _code_vjp(dUe, g, u, k1, s1, y, a, rsd, c0, c1, c2, mm, M, PHI)
+    _, da, dg = _code_vjp(dU - _dot(tl.trans(L), dZ, PREC), g, u, k1, s1, y, a, rsd, c0, c1, c2, mm, M, PHI)
     return dZ, da, dg
 
 
@@ -595,18 +553,63 @@ def _read_bwd_key_kernel(q, k, LB, SK, UK, dYK, dq, dk, dUK, dSK, dlb, T, H, NC,
 
 
 @triton.jit
+def _forward_z(w, S, UU, rows_m, mrow, b, lb, oc, EXACT: tl.constexpr, PREC: tl.constexpr):
+    """The z at which the forward took the chunk's codes: Z = W Sᵀ, or (EXACT) the solution
+    diag(e^{b_prev}) W Sᵀ - L Ū from the stored Ū; with L and e^{b_prev} (not EXACT: placeholders,
+    unused and compiled away)."""
+    Z = _dot(w, tl.trans(S), PREC)
+    if EXACT:
+        b_prev, _, L = _exact_lower(w, b, lb, oc, PREC)
+        eb_prev = tl.exp(b_prev)
+        Z = eb_prev[:, None] * Z - _dot(L, tl.load(UU + rows_m, mask=mrow, other=0.0), PREC)
+    else:
+        L, eb_prev = Z, b
+    return Z, L, eb_prev
+
+
+@triton.jit  # performance only (with _load_terms and _code_prep_kernel)
+def _store_terms(PT, PR, PL, run_ci, u, k1, s1, y, rsd, c0, c1, c2, L, oc, om, C: tl.constexpr, BM: tl.constexpr,
+                 PHI: tl.constexpr, EXACT: tl.constexpr):
+    """One chunk's _code_lin terms into a run's buffers: tiles u (identity and SiLU only), k1, s1,
+    y into PT, rows rsd, c0, c1, c2 into PR, and (EXACT) L into PL."""
+    tile, base = oc[:, None] * BM + om[None, :], run_ci * 4
+    if PHI != 2:
+        tl.store(PT + base * C * BM + tile, u)
+    tl.store(PT + (base + 1) * C * BM + tile, k1)
+    tl.store(PT + (base + 2) * C * BM + tile, s1)
+    tl.store(PT + (base + 3) * C * BM + tile, y)
+    tl.store(PR + base * C + oc, rsd)
+    tl.store(PR + (base + 1) * C + oc, c0)
+    tl.store(PR + (base + 2) * C + oc, c1)
+    tl.store(PR + (base + 3) * C + oc, c2)
+    if EXACT:
+        tl.store(PL + run_ci * C * C + oc[:, None] * C + oc[None, :], L)
+
+
+@triton.jit
+def _load_terms(PT, PR, PL, run_ci, oc, om, C: tl.constexpr, BM: tl.constexpr, EXACT: tl.constexpr):
+    """What _store_terms stored: u, k1, s1, y, rsd, c0, c1, c2, L (a load whose value goes unused
+    is compiled away)."""
+    tile, base = oc[:, None] * BM + om[None, :], run_ci * 4
+    u, k1 = tl.load(PT + base * C * BM + tile), tl.load(PT + (base + 1) * C * BM + tile)
+    s1, y = tl.load(PT + (base + 2) * C * BM + tile), tl.load(PT + (base + 3) * C * BM + tile)
+    rsd, c0 = tl.load(PR + base * C + oc), tl.load(PR + (base + 1) * C + oc)
+    c1, c2 = tl.load(PR + (base + 2) * C + oc), tl.load(PR + (base + 3) * C + oc)
+    if EXACT:
+        L = tl.load(PL + run_ci * C * C + oc[:, None] * C + oc[None, :])
+    else:
+        L = rsd  # placeholder
+    return u, k1, s1, y, rsd, c0, c1, c2, L
+
+
+@triton.jit
 def _code_prep_kernel(k, v, al, LB, SK, SV, UK, UV, PT, PR, PL, T, H, NC, C0, NCS,
                       DK, DV, M, BD: tl.constexpr, BM: tl.constexpr,
                       C: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
                       EXACT: tl.constexpr, EVEN: tl.constexpr):
-    """Performance only: lets the walk skip B3's gradient-free part. Grid (chunks of a run, B*H, 2 passes),
-    chunk C0 + program_id(0): the code's terms that do
-    not depend on the incoming gradient (_code_lin), for the backward walk of that run, at the
-    chunk-start rule's Z = W Sᵀ or (EXACT) at the exact rule's solution
-    Z = diag(e^{b_prev}) W Sᵀ - L Ū, with Ū the forward's. Stores tiles u, k1, s1, y [C, BM]
-    into PT and rows rsd, c0, c1, c2 [C] into PR, both [2 passes, B*H, NCS, 4, ...], and
-    (EXACT) L [C, C] into PL [2 passes, B*H, NCS, C, C]; the walk then only evaluates _code_vjp
-    (EXACT: _exact_codes_bwd)."""
+    """Performance only: takes B3's gradient-free part out of the walk. Grid (chunks of a run, B*H,
+    2 passes), chunk C0 + program_id(0): _code_lin's terms at the forward's z (_forward_z), and
+    (EXACT) L, into the run's buffers PT, PR, PL [2 passes, B*H, NCS, ...] (_store_terms)."""
     if EVEN:
         DK, DV, M = BD, BD, BM
     j, pid = tl.program_id(0), tl.program_id(1)
@@ -622,24 +625,12 @@ def _code_prep_kernel(k, v, al, LB, SK, SV, UK, UV, PT, PR, PL, T, H, NC, C0, NC
     row_w, row_m = bi * s_b * D + h * D, bi * s_b * M + h * M
     w = _load_rows(W + row_w, t, tm, od, D, s_t * D)
     a = _load_rows(al + row_m, t, tm, om, M, s_t * M).to(tl.float32)
-    Z = _dot(w, tl.trans(S), PREC)
-    run_ci = (tl.program_id(2) * tl.num_programs(1) + pid) * NCS + j  # this chunk in the run's buffers
-    if EXACT:
-        lb = tl.load(LB + gb + t * s_t, mask=tm, other=0.0)
-        b_prev, _, L = _exact_lower(w, tl.cumsum(lb, 0), lb, oc, PREC)
-        Z = tl.exp(b_prev)[:, None] * Z - _dot(L, _load_rows(UU + row_m, t, tm, om, M, s_t * M), PREC)
-        tl.store(PL + run_ci * C * C + oc[:, None] * C + oc[None, :], L)
+    lb = tl.load(LB + gb + t * s_t, mask=tm, other=0.0)
+    rows_m, mrow = row_m + t[:, None] * s_t * M + om[None, :], tm[:, None] & mm
+    Z, L, _ = _forward_z(w, S, UU, rows_m, mrow, tl.cumsum(lb, 0), lb, oc, EXACT, PREC)
     u, k1, s1, y, rsd, c0, c1, c2 = _code_lin(Z, a, mm, M, PHI, EPS)
-    base = run_ci * 4
-    tile = oc[:, None] * BM + om[None, :]
-    tl.store(PT + base * C * BM + tile, u)
-    tl.store(PT + (base + 1) * C * BM + tile, k1)
-    tl.store(PT + (base + 2) * C * BM + tile, s1)
-    tl.store(PT + (base + 3) * C * BM + tile, y)
-    tl.store(PR + base * C + oc, rsd)
-    tl.store(PR + (base + 1) * C + oc, c0)
-    tl.store(PR + (base + 2) * C + oc, c1)
-    tl.store(PR + (base + 3) * C + oc, c2)
+    run_ci = (tl.program_id(2) * tl.num_programs(1) + pid) * NCS + j  # this chunk in the run's buffers
+    _store_terms(PT, PR, PL, run_ci, u, k1, s1, y, rsd, c0, c1, c2, L, oc, om, C, BM, PHI, EXACT)
 
 
 @triton.jit
@@ -648,19 +639,14 @@ def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, PT, PR, PL, UK, UV, dUK, dUV, dS
                       DK, DV, M, BD: tl.constexpr, BM: tl.constexpr,
                       C: tl.constexpr, PHI: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
                       EXACT: tl.constexpr, PREP: tl.constexpr, EVEN: tl.constexpr):
-    """B2, B3, B4's step and B6. Grid (B*H, 2 passes), chunks C0 + NCS - 1 down to C0 carrying
-    dS = dL/d(state at the chunk's
-    end), from dKT, dVT (the run's end) to dK0, dV0 (its start); only what the next dS needs:
-    dS += dS_read of the next chunk (the reads of the chunk that starts from this end state),
-    dU = dU_read - to_end ⊙ (W dSᵀ), (dZ, dα, dγ) through the code, dS <- e^{b_c} dS + dZᵀ W.
-    The code's terms at Z come from _code_prep_kernel (PREP; EXACT: with L, PL), or, in one run,
-    are computed here (_code_lin) at Z = W Sᵀ or (EXACT) the forward's solution (from S and Ū).
-    Adding the next chunk's dS_read at the top, where a dot uses it, lets the compiler prefetch
-    it with the chunk's other loads. It overwrites the next chunk's dS_read with that dS (the
-    gradient w.r.t. the next chunk's start state) and dU_read with dZ, for _state_grads_kernel.
-    dK0, dV0: the run's start gradient without its first chunk's dS_read, which the next run adds
-    (the run from chunk 0 adds it: the full dL/dK0). EXACT: dZ from _exact_codes_bwd, stored
-    before its scaling by e^{b_{i-1}} (Z = diag(e^{b_{i-1}}) W Sᵀ - L U)."""
+    """B2, B3, B4's step and B6. Grid (B*H, 2 passes), chunks C0 + NCS - 1 down to C0, carrying
+    dS = dL/d(state at the chunk's end) from dKT, dVT (the run's end) to dK0, dV0 (its start):
+    dS += dS_read of the next chunk, dU = dU_read - to_end ⊙ (W dSᵀ), (dZ, dα, dγ) through the
+    code at the forward's z (_code_vjp; EXACT: _exact_codes_bwd), dS <- e^{b_c} dS + dZᵀ W.
+    The code's terms come from _code_prep_kernel (PREP) or _code_lin here. For _state_grads_kernel
+    it overwrites the next chunk's dS_read with dS and dU_read with dZ (EXACT: before its scaling
+    by e^{b_prev}). dK0, dV0 lack the run's first chunk's dS_read, which the run before adds (the
+    run from chunk 0 adds its own: the full dL/dK0)."""
     if EVEN:  # every size equals its block: strides, masks and divisors are known when compiling
         DK, DV, M = BD, BD, BM
     pid = tl.program_id(0)
@@ -685,39 +671,24 @@ def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, PT, PR, PL, UK, UV, dUK, dUV, dS
         a = _load_rows(al + row_m, t, tm, om, M, s_t * M).to(tl.float32)
         g = tl.load(GM + gb + t * s_t, mask=tm, other=0.0)
         lb = tl.load(LB + gb + t * s_t, mask=tm, other=0.0)
-        nxt = dSR + (pid * NC + ci + 1) * M * D + loc  # the next chunk's dS_read (none after the last)
+        # added here, where a dot uses it, the next chunk's dS_read is prefetched with the other loads
+        nxt = dSR + (pid * NC + ci + 1) * M * D + loc  # (none after the last chunk)
         dS += tl.load(nxt, mask=smask & (ci + 1 < NC), other=0.0)
         tl.store(nxt, dS, mask=smask & (ci + 1 < NC))
         b, Gam, eb, b_c, to_end = _chunk_decays(lb, oc, C)
-        rows_m = row_m + t[:, None] * s_t * M + om[None, :]
-        mrow = tm[:, None] & mm
+        rows_m, mrow = row_m + t[:, None] * s_t * M + om[None, :], tm[:, None] & mm
         dU = tl.load(dUU + rows_m, mask=mrow, other=0.0) - to_end[:, None] * _dot(w, tl.trans(dS), PREC)
-        if PREP:  # the terms from _code_prep_kernel, chunk cj from the run's end
+        if PREP:  # chunk cj from the run's end in _code_prep_kernel's buffers
             run_ci = (tl.program_id(1) * tl.num_programs(0) + pid) * NCS + NCS - 1 - cj
-            base = run_ci * 4
-            tile = oc[:, None] * BM + om[None, :]
-            k1 = tl.load(PT + (base + 1) * C * BM + tile)
-            s1, y = tl.load(PT + (base + 2) * C * BM + tile), tl.load(PT + (base + 3) * C * BM + tile)
-            rsd, c0 = tl.load(PR + base * C + oc), tl.load(PR + (base + 1) * C + oc)
-            c1, c2 = tl.load(PR + (base + 2) * C + oc), tl.load(PR + (base + 3) * C + oc)
-            u = tl.load(PT + base * C * BM + tile)  # (the exact rule with normalized SiLU: unused, not loaded)
-            if EXACT:
-                L = tl.load(PL + run_ci * C * C + oc[:, None] * C + oc[None, :])
-                eb_prev = tl.exp(b - lb)
-                dZ, da, dgv = _exact_codes_bwd(L, a, g, dU, u, k1, s1, y, rsd, c0, c1, c2, mm, M, PHI, C, PREC)
-            else:
-                dZ, da, dgv = _code_vjp(dU, g, u, k1, s1, y, a, rsd, c0, c1, c2, mm, M, PHI)
-        elif EXACT:  # one run: the terms at the exact rule's solution Z = diag(e^{b_prev}) W Sᵀ - L Ū
+            u, k1, s1, y, rsd, c0, c1, c2, L = _load_terms(PT, PR, PL, run_ci, oc, om, C, BM, EXACT)
+            eb_prev = tl.exp(b - lb)
+        else:
             S = tl.load(SS + (pid * NC + ci) * M * D + loc, mask=smask, other=0.0)
-            b_prev, _, L = _exact_lower(w, b, lb, oc, PREC)
-            eb_prev = tl.exp(b_prev)
-            Z = eb_prev[:, None] * _dot(w, tl.trans(S), PREC) - _dot(L, _load_rows(UU + row_m, t, tm, om, M, s_t * M),
-                                                                     PREC)
+            Z, L, eb_prev = _forward_z(w, S, UU, rows_m, mrow, b, lb, oc, EXACT, PREC)
             u, k1, s1, y, rsd, c0, c1, c2 = _code_lin(Z, a, mm, M, PHI, EPS)
+        if EXACT:
             dZ, da, dgv = _exact_codes_bwd(L, a, g, dU, u, k1, s1, y, rsd, c0, c1, c2, mm, M, PHI, C, PREC)
         else:
-            Z = _dot(w, tl.trans(tl.load(SS + (pid * NC + ci) * M * D + loc, mask=smask, other=0.0)), PREC)
-            u, k1, s1, y, rsd, c0, c1, c2 = _code_lin(Z, a, mm, M, PHI, EPS)
             dZ, da, dgv = _code_vjp(dU, g, u, k1, s1, y, a, rsd, c0, c1, c2, mm, M, PHI)
         tl.store(dUU + rows_m, dZ, mask=mrow)
         tl.store(dal + rows_m, da, mask=mrow)
@@ -1234,20 +1205,6 @@ def _peak_mib(fn):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def _time_slow(fn, reps=3):
-    """Median of a few runs with CUDA events, for forms too slow for do_bench's estimates."""
-    fn()
-    times = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        fn()
-        e1.record()
-        torch.cuda.synchronize()
-        times.append(e0.elapsed_time(e1))
-    return sorted(times)[len(times) // 2]
-
-
 # name: ((sequential, parallel) warps, None: default_warps(); sweeps; scale of gamma). The inputs'
 # gamma ~ 0.5 is five times the model's gamma_max = 0.1; the exact rule's sweeps stop sooner at the
 # model's gamma, hence its own row.
@@ -1255,30 +1212,9 @@ KERNEL_VARIANTS = {"kernel": (None, 0, 1.0), "kernel exact": (None, 63, 1.0),
                    "exact, model g": (None, 63, 0.2)}
 
 
-def _fla_rows(B, T, H, d, m, device):
-    """fla's chunked GSA (two linear-attention passes over m slots) and delta rule at the same
-    shapes, when flash-linear-attention (fla-core) is installed: {name: (inputs, forward)}."""
-    try:
-        from fla.ops.delta_rule import chunk_delta_rule
-        from fla.ops.gsa import chunk_gsa
-    except ImportError:
-        return {}
-    g = torch.Generator(device="cpu").manual_seed(2)
-    rn = lambda *s: torch.randn(*s, generator=g).to(device, torch.bfloat16)  # noqa: E731
-    unit = lambda *s: torch.nn.functional.normalize(rn(*s).float(), dim=-1).bfloat16()  # noqa: E731
-    gsa = [rn(B, T, H, d), rn(B, T, H, d), rn(B, T, H, d), rn(B, T, H, m),
-           torch.nn.functional.logsigmoid(rn(B, T, H, m).float() + 3).bfloat16()]
-    delta = [rn(B, T, H, d), unit(B, T, H, d), rn(B, T, H, d), torch.sigmoid(rn(B, T, H).float()).bfloat16()]
-    return {"fla chunk_gsa": (gsa, lambda *a: chunk_gsa(*a)[0]),
-            "fla delta_rule": (delta, lambda *a: chunk_delta_rule(*a)[0])}
-
-
-def bench(device="cuda", Ts=(1024, 4096, 16384), pytorch_Ts=(1024, 4096, 16384), tokens=32768, H=8, d=64,
-          m=64, C=64, fla=False):
+def bench(device="cuda", Ts=(1024, 4096, 16384), tokens=32768, H=8, d=64, m=64, C=64):
     """fwd and fwd+bwd ms (median), tokens/s (fwd+bwd) and peak memory above the inputs, bf16 inputs."""
     import torch.nn.functional as F
-
-    import trellis as tr
 
     if not all(isinstance(T, int) and 1 <= T <= tokens for T in Ts):
         raise ValueError(f"bench: every T must be an int in [1, tokens = {tokens}], got {list(Ts)}")
@@ -1293,23 +1229,15 @@ def bench(device="cuda", Ts=(1024, 4096, 16384), pytorch_Ts=(1024, 4096, 16384),
             leaves = ins[:5] + [(ins[5].detach() * scale).requires_grad_(True)] + ins[6:]
             impls[name] = (leaves, first((lambda w, sw: lambda *a: trellis_op_triton(
                 *a, chunk_size=C, sweeps=sw, num_warps=w, precision="tf32", **eps))(w, sw)))
-        if T in pytorch_Ts:
-            impls["pytorch chunked"] = (ins, first(lambda *a: tr.trellis_op(*a, chunk_size=C, impl="chunked", **eps)))
-            if T == 1024:
-                impls["per-token loop"] = (ins, first(lambda *a: tr.trellis_op(*a, chunk_size=1, impl="loop", **eps)))
         sdpa = [torch.randn(B, H, T, d, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
         impls["sdpa causal"] = (sdpa, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
-        if fla:  # off by default: its autotuning takes minutes before the first timing
-            impls.update({n: ([t.requires_grad_(True) for t in leaves], fn)
-                          for n, (leaves, fn) in _fla_rows(B, T, H, d, m, device).items()})
         for name, (leaves, fn) in impls.items():
             fwd = (lambda fn, leaves: lambda: fn(*leaves))(fn, leaves)
             o0 = fwd().detach()
             both = (lambda fwd, leaves, o0: lambda: torch.autograd.grad(fwd(), leaves, o0))(fwd, leaves, o0)
-            timer = _time_slow if name in ("pytorch chunked", "per-token loop") else _time
             with torch.no_grad():
-                t_f = timer(fwd)
-            t_b = timer(both)
+                t_f = _time(fwd)
+            t_b = _time(both)
             mem = _peak_mib(both)
             rows.append((T, B, name, t_f, t_b, tokens / t_b * 1e3, mem))
             print(f"T={T:6d} B={B:3d} {name:16s} fwd {t_f:9.3f} ms  fwd+bwd {t_b:9.3f} ms  "
@@ -1332,34 +1260,6 @@ def bench_short_conv(device="cuda", T=16384, tokens=32768, channels=512, head=64
     pt = lambda: torch.autograd.grad(conv(x, cache=zeros, head=head)[0], (x, conv.weight), dy)  # noqa: E731
     print(f"short conv + SiLU + unit norm per head, B={B} T={T} {channels} channels, bf16, fwd+bwd: "
           f"kernel {_time(kern):.3f} ms, PyTorch {_time(pt):.3f} ms", flush=True)
-
-
-def profile(device="cuda", T=16384, tokens=32768, H=8, d=64, m=64, C=64):
-    """Time of each kernel of the default variant (CUDA events around each launch)."""
-    B = tokens // T
-    ins = [t.requires_grad_(True) for t in _inputs(B, T, H, d, d, m, torch.bfloat16, device)]
-    names = ["_state_fwd_kernel", "_read_fwd_kernel", "_read_bwd_value_kernel", "_read_bwd_key_kernel",
-             "_code_prep_kernel", "_state_bwd_kernel", "_state_grads_kernel"]
-    from torch.profiler import ProfilerActivity, profile as tprofile
-
-    eps = dict(_model_eps(), phi="norm_silu", f="norm_silu", precision="tf32")
-    for _ in range(2):
-        o = trellis_op_triton(*ins, chunk_size=C, **eps)[0]
-        torch.autograd.grad(o, ins, o)
-    torch.cuda.synchronize()
-    with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            o = trellis_op_triton(*ins, chunk_size=C, **eps)[0]
-            torch.autograd.grad(o, ins, o)
-        torch.cuda.synchronize()
-    totals = {}
-    for ev in prof.key_averages():
-        device_us = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
-        totals[ev.key] = device_us / 5 / 1e3
-    print(f"per-kernel time at T={T}, B={B} (ms per fwd+bwd):")
-    for k, t in sorted(totals.items(), key=lambda kv: -kv[1])[:10]:
-        mark = " <- kernel.py" if any(n in k for n in names) else ""
-        print(f"  {t:8.3f}  {k[:60]}{mark}")
 
 
 H100_SHARED_MEMORY = 232448  # bytes one program may use on an H100 (227 KiB)
@@ -1396,66 +1296,28 @@ def shared_memory(C, m, d, phi="norm_silu", f="norm_silu", exact=False, num_warp
     return out
 
 
-def cpu_table(B=1, T=2048, H=4, d=64, m=64, C=64):
-    """The PyTorch forms on the CPU (float32): per-token loop vs chunked, fwd and fwd+bwd."""
-    import trellis as tr
-
-    ins = _inputs(B, T, H, d, d, m, torch.float32, "cpu")[:6]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B={B} T={T} H={H} d={d} m={m}")
-    for name, kw in [("loop, exact (C=1)", dict(impl="loop", chunk_size=1)),
-                     ("loop, chunk-start C=64", dict(impl="loop", chunk_size=C)),
-                     ("chunked C=64, sweeps=0", dict(impl="chunked", chunk_size=C)),
-                     ("chunked C=64, sweeps=63", dict(impl="chunked", chunk_size=C, sweeps=C - 1))]:
-        times = []
-        for bwd in (False, True):
-            xs = [t.clone().requires_grad_(bwd) for t in ins]
-            best = float("inf")
-            for _ in range(1 if bwd else 3):
-                t0 = time.perf_counter()
-                with torch.set_grad_enabled(bwd):
-                    o, K, V = tr.trellis_op(*xs, **kw)
-                    if bwd:
-                        (o.sum() + K.sum() + V.sum()).backward()
-                best = min(best, time.perf_counter() - t0)
-            times.append(best * 1e3)
-        print(f"{name:26s} fwd {times[0]:9.1f} ms   fwd+bwd {times[1]:9.1f} ms", flush=True)
-
-
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="check and benchmark the Trellis kernels")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap = argparse.ArgumentParser(description="check and benchmark the Trellis kernels on a GPU")
+    ap.add_argument("--device", default="cuda")
     ap.add_argument("--skip-check", action="store_true")
-    ap.add_argument("--T", help="sequence lengths, B*T = 32768 (default: 1024,4096,16384; on the CPU 2048)")
-    ap.add_argument("--pytorch-T", default="1024,4096,16384", help="T at which to time the PyTorch forms too")
-    ap.add_argument("--profile", action="store_true", help="per-kernel times at T = 1024 and 16384")
-    ap.add_argument("--fla", action="store_true", help="also time fla's chunk_gsa and delta rule (fla-core)")
+    ap.add_argument("--T", default="1024,4096,16384", help="sequence lengths, B*T = 32768 (default: 1024,4096,16384)")
     ap.add_argument("--short-conv", action="store_true", help="only time the layer's short convolution")
     a = ap.parse_args()
-    lengths = {}
-    default_T = "2048" if a.device == "cpu" else "1024,4096,16384"
-    for flag, text in (("--T", a.T or default_T), ("--pytorch-T", a.pytorch_T)):
-        try:
-            lengths[flag] = [int(t) for t in text.split(",") if t]
-        except ValueError:
-            lengths[flag] = [0]
-        if not all(1 <= t <= 32768 for t in lengths[flag]):
-            ap.exit(2, f"kernel.py: {flag} takes comma-separated sequence lengths in [1, 32768] such as 1024,4096, "
-                       f"got {text!r}\n")
-    if a.device != "cpu" and not torch.cuda.is_available():
-        ap.exit(2, f"kernel.py: --device {a.device} needs a CUDA GPU, and torch sees none; --device cpu times the "
-                   "PyTorch forms\n")
-    if a.device == "cpu":
-        for T in lengths["--T"]:
-            cpu_table(T=T)
+    try:
+        lengths = [int(t) for t in a.T.split(",") if t]
+    except ValueError:
+        lengths = [0]
+    if not lengths or not all(1 <= t <= 32768 for t in lengths):
+        ap.exit(2, f"kernel.py: --T takes comma-separated sequence lengths in [1, 32768] such as 1024,4096, "
+                   f"got {a.T!r}\n")
+    if not torch.cuda.is_available():
+        ap.exit(2, f"kernel.py: --device {a.device} needs a CUDA GPU, and torch sees none; the tests run the "
+                   "kernels on the CPU (README)\n")
+    props = torch.cuda.get_device_properties(a.device)
+    print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}")
+    if a.short_conv:
+        bench_short_conv(a.device)
     else:
-        props = torch.cuda.get_device_properties(0)
-        print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}")
-        if a.short_conv:
-            bench_short_conv(a.device)
-        else:
-            if not a.skip_check:
-                check(a.device)
-            bench(a.device, Ts=lengths["--T"], pytorch_Ts=lengths["--pytorch-T"], fla=a.fla)
-            if a.profile:
-                for T in (1024, 16384):
-                    profile(a.device, T=T)
+        if not a.skip_check:
+            check(a.device)
+        bench(a.device, Ts=lengths)
