@@ -134,7 +134,8 @@ def build_parser():
     a("--prompt", help="(default: 'ROMEO:')")
     a("--eval-exact", action="store_const", const=True,
       help="also report the best model's val loss (and --task mqar's accuracies) under the exact recurrence "
-           "(sweeps = chunk_size - 1): the same weights, read exactly")
+           "(sweeps = chunk_size - 1): the same weights, read exactly; and per layer the chunk-start rule's "
+           "stability on them (alpha's size, the code Jacobian's eigenvalues, kappa)")
     a("--eval-contexts", help="e.g. 256,1024,4096,16384: val loss of the best model at these contexts")
     a("--eval-from", metavar="CKPT", help="evaluate CKPT at --eval-contexts instead of training")
     # benchmarks instead of training
@@ -1080,6 +1081,7 @@ def train(args):
                 extra["mqar_accuracy_exact"] = accuracy = mqar_accuracy(exact, args, ctx)
                 print("MQAR accuracy, exact: " + ", ".join(f"{c}: {a:.3f}" for c, a in accuracy.items()))
             del exact
+        if args.eval_exact and cfg.mixer == "trellis":  # and whether the chunk-start rule is stable on these weights
             extra["stability"] = stability_report(model, stability_batch(args, split))
             print_stability(extra["stability"])
         if args.task == "recall":
