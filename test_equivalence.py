@@ -1161,12 +1161,13 @@ def test_train_tiny_ctrl_c_saves_and_resume_keeps_history(tmp_path, monkeypatch)
 
 def test_train_tiny_second_ctrl_c_does_not_cut_the_save(tmp_path, monkeypatch):
     """A second Ctrl-C (and a SIGTERM) while the interrupted run saves itself is ignored: the
-    checkpoint is whole, no .tmp file is left, exit code 130."""
+    checkpoint is whole, no .tmp file is left, exit code 130, and the SIGINT handler is restored."""
     import signal
 
     import train_tiny
 
     real_get_batch, real_save, calls = train_tiny.get_batch, train_tiny.torch.save, [0]
+    handler = signal.getsignal(signal.SIGINT)  # Python's, or SIG_IGN in a shell's background job
 
     def interrupted(data, args, gen):
         calls[0] += 1
@@ -1187,7 +1188,7 @@ def test_train_tiny_second_ctrl_c_does_not_cut_the_save(tmp_path, monkeypatch):
     assert e.value.code == 130
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)["iter_num"] == 2
     assert not list((tmp_path / "out").glob("*.tmp"))
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler  # restored
 
 
 def test_train_tiny_ctrl_c_during_the_sample_keeps_the_run(tmp_path, monkeypatch, capsys):
