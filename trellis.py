@@ -370,8 +370,9 @@ def pass_chunked(W, A, beta, gamma, S, X, read, phi, phi_eps, chunk_size=64, swe
 #     ds = J_y dy + d sd * y / m                          (d sd / ds = y / m)
 #     dz = s1 . ds + s2 . h . du
 #
-# kernel.py's _code_vjp expands this into three row sums of du (mean(p), mean(p y) and
-# mean(du u)), using the LayerNorm's mean(y) = 0 and mean(y^2) = 1 - eps / sd^2.
+# kernel.py's _code_vjp expands this into three row sums of q = dUbar . s1 (alone, with y and
+# with a), using the LayerNorm's mean(y) = 0 and mean(y^2) = 1 - eps / sd^2; since
+# h = ((1 - mean(e y)) y - a - mean(e)) / sd, B3's dgamma = <dUbar, s1 . h> comes from the same sums.
 
 
 def code_vjp(phi, z, a, du, eps):
