@@ -326,7 +326,7 @@ def _chunk_decays(lb, offs_c, C: tl.constexpr):
 # TF32 dots: one rounding of a TF32 operand (10 stored mantissa bits), the resolution of the
 # sweeps' own products. (Compiled for the GPU, the sweeps settle on a change of about one ulp that
 # never reaches zero, so a stop at exact stationarity would always run all C - 1 sweeps: NOTES.md,
-# section 3.2.) The backward solves the adjoint system (upper triangular) the same way, sweeping
+# section 2.) The backward solves the adjoint system (upper triangular) the same way, sweeping
 # dZ alone with the code's terms at the forward's solution.
 
 
@@ -911,7 +911,7 @@ class TrellisChunkFn(torch.autograd.Function):
 def default_warps(m):
     """(sequential, parallel) warps: 4; 8 for m > 128, whose [256, d] memory tiles need the
     registers of 8 warps (at 4 a thread would spill 1-4 KB in the backward; ptxas -v, sm_90a).
-    The exact rule included: its sweeps at 8 warps were slower at every T (NOTES.md, section 3.2)."""
+    The exact rule included: its sweeps at 8 warps were slower at every T (NOTES.md, section 4)."""
     return (8, 8) if m > 128 else (4, 4)
 
 
@@ -922,7 +922,7 @@ def default_runs(programs=None, sms=None, exact=False):
     it holds are then a quarter of all chunks'; its walks are long enough that the host's launches
     do not set the pace); else 1. Each run costs the host four launches: at T = 16384 the
     chunk-start rule's fwd+bwd held at 3.3 ms in 4 runs, scattered over 3.5-5.0 ms in 8 and
-    doubled in 16 (NOTES.md, section 3.2)."""
+    doubled in 16 (NOTES.md, section 4)."""
     if programs is not None and sms is not None and 2 * programs <= sms:
         return 8 if exact else 4
     return 1
