@@ -1621,6 +1621,22 @@ def test_mqar_mixtures_are_zoologys():
     assert all(2 * n + 2 * n <= T for T, n in train_tiny.MQAR_TEST)
 
 
+def test_distinct_randint_draws_every_distinct_row_equally_often():
+    """MQAR's keys and values: distinct within a row, in range, and every ordered row of distinct
+    entries equally likely (12 of them for 2 of 4: 1000 each expected, sd about 30)."""
+    import collections
+
+    import train_tiny
+
+    gen = torch.Generator().manual_seed(0)
+    x = train_tiny.distinct_randint(4, 2, 12000, gen)
+    counts = collections.Counter(map(tuple, x.tolist()))
+    assert set(counts) == {(i, j) for i in range(4) for j in range(4) if i != j}
+    assert all(850 < c < 1150 for c in counts.values()), counts
+    big = train_tiny.distinct_randint(300, 256, 50, gen)
+    assert all(len(set(r)) == 256 for r in big.tolist()) and 0 <= big.min() and big.max() < 300
+
+
 def test_answer_accuracy_counts_answer_positions_only():
     """The accuracy counts argmax hits at positions with a target and nowhere else: an oracle
     scores 1, an oracle shifted by one token 0, an oracle right on every other answer 0.5,

@@ -426,12 +426,27 @@ MQAR_TRAIN = {(64, 4): 100_000, (128, 8): 20_000, (256, 16): 20_000, (256, 32): 
 MQAR_TEST = [(64, 4), (64, 8), (64, 16), (128, 32), (256, 64), (512, 128), (1024, 256)]
 
 
+def distinct_randint(high, n, batch, gen):
+    """[batch, n] ints in [0, high), distinct within a row, every such row equally likely: draw
+    all, then draw again the later copy of each repeat until none is left (as fast as one
+    randint; a randperm per row took most of a training step)."""
+    x = torch.randint(high, (batch, n), generator=gen)
+    while True:
+        s, where = x.sort(dim=1, stable=True)
+        again = torch.zeros_like(x, dtype=torch.bool)
+        again[:, 1:] = s[:, 1:] == s[:, :-1]  # the later of two equal entries
+        if not again.any():
+            return x
+        rows, cols = again.nonzero(as_tuple=True)
+        x[rows, where[rows, cols]] = torch.randint(high, (len(rows),), generator=gen)
+
+
 def mqar_batch(T, n, batch, gen):
     """x, y [batch, T]: y is the value at each query (the position of a key's second
     appearance), -1 elsewhere."""
     half = MQAR_VOCAB // 2
-    keys = 1 + torch.stack([torch.randperm(half - 1, generator=gen)[:n] for _ in range(batch)])  # [B,n]
-    vals = half + torch.stack([torch.randperm(half, generator=gen)[:n] for _ in range(batch)])  # [B,n]
+    keys = 1 + distinct_randint(half - 1, n, batch, gen)  # [B,n]
+    vals = half + distinct_randint(half, n, batch, gen)  # [B,n]
     space = (T - 2 * n) // 2  # even offsets after the pairs
     p = MQAR_POWER_A * torch.arange(1, space + 1, dtype=torch.float64) ** (MQAR_POWER_A - 1)
     gaps = torch.multinomial(p.expand(batch, space), n, replacement=False, generator=gen)  # [B,n]
