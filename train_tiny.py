@@ -546,9 +546,9 @@ def stability_report(model, x, chunks=16, seed=0):
         for h in hooks:
             h.remove()
     report = []
-    for mixer, h in seen:
+    for mixer, x_in in seen:  # the mixer's input, in the model's dtype (no autocast here)
         cfg = mixer.cfg
-        q, k, v, alpha, beta, gamma = (t.double() for t in mixer.operator_inputs(h.float())[:6])
+        q, k, v, alpha, beta, gamma = (t.double() for t in mixer.operator_inputs(x_in)[:6])
         B, T, H, d = q.shape
         K0, V0 = (torch.zeros(B, H, cfg.slots, d, dtype=torch.float64, device=q.device) if M is None
                   else M.double().expand(B, H, cfg.slots, d) for M in (mixer.K0, mixer.V0))
