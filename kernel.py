@@ -150,9 +150,8 @@ def _code_lin(z, a, mm, M, PHI: tl.constexpr, EPS: tl.constexpr):
         y, rsd, _ = _norm_stats(s, mm, M, EPS)
         e = tl.where(mm, y - a, 0.0)
         c2, ey = tl.sum(e, 1) / M, tl.sum(e * y, 1) / M
-        Je = e - c2[:, None] - y * ey[:, None]  # sd J_y e (J_y is symmetric)
-        u = s1 * Je * rsd[:, None]
-        h = Je * rsd[:, None]
+        h = (e - c2[:, None] - y * ey[:, None]) * rsd[:, None]  # J_y e (J_y is symmetric)
+        u = s1 * h
         c0 = 1 - ey
         c1 = 2 * c0 + EPS * rsd * rsd
         k1 = h * s2 + ((rsd * rsd * c0)[:, None] * s1) * s1
