@@ -1144,12 +1144,13 @@ def _fwd_bwd(fn, ins, seed=1):
     return [o.detach() for o in outs] + list(grads)
 
 
-def check(device="cuda", only=None):
+def check(device="cuda", only=None, parallel=False, header=True):
     """Max relative error (max |x - ref| / max |ref|) per tensor, kernel vs the float64
     PyTorch chunked form on the same inputs, for every case (or the labels in `only`). The
     backward takes its chunks in runs with _code_prep_kernel wherever B*H*2 leaves half the SMs
     free (default_runs); "bf16 one run" (B*H*2 = 128) walks them in one run, computing the
-    code's terms in the walk."""
+    code's terms in the walk. parallel: each case in a process of its own, all at once (each
+    compiles its own kernels, and a process compiles one kernel at a time, on the CPU)."""
     import trellis as tr
 
     eps = _model_eps()
@@ -1172,8 +1173,23 @@ def check(device="cuda", only=None):
     unknown = set(only or ()) - set(labels)
     if unknown:
         raise ValueError(f"check: no case named {sorted(unknown)}; the cases: {labels}")
-    print(f"{'case':16s} " + " ".join(f"{n:>8s}" for n in names))
+    if header:
+        print(f"{'case':16s} " + " ".join(f"{n:>8s}" for n in names))
     worst = {}
+    if parallel:
+        import subprocess
+        import sys
+
+        code = "import kernel; kernel.check({!r}, only=[{!r}], header=False)"
+        procs = {label: subprocess.Popen([sys.executable, "-c", code.format(device, label)], stdout=subprocess.PIPE,
+                                         text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+                 for label in labels if only is None or label in only}
+        for label, p in procs.items():  # in the cases' order
+            row = p.communicate()[0]
+            print(row, end="", flush=True)
+            errs = [float(e) for e in row.split()[-len(names):]] if p.returncode == 0 else [math.nan]
+            worst[label] = max(errs) if all(math.isfinite(e) for e in errs) else math.nan
+        return worst
     for label, dtype, prec, (B, T, H, dk, dv, m, C, phi, f, exact) in cases:
         if only is not None and label not in only:
             continue
@@ -1319,5 +1335,5 @@ if __name__ == "__main__":
         bench_short_conv(a.device)
     else:
         if not a.skip_check:
-            check(a.device)
+            check(a.device, parallel=True)
         bench(a.device, Ts=lengths)

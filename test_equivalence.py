@@ -900,6 +900,19 @@ def test_check_refuses_an_unknown_case_label():
         kernel.check(device="cpu", only=["nope"])
 
 
+def test_check_in_parallel_reports_what_it_reports_in_one_process(capsys):
+    """kernel.check(parallel=True), one process a case: the same table rows and worst errors as
+    one process (to the two digits a row prints)."""
+    import kernel
+
+    device = KERNEL_DEVICE
+    serial = kernel.check(device, only=["fp32 ieee odd"])
+    rows = capsys.readouterr().out.splitlines()
+    parallel = kernel.check(device, only=["fp32 ieee odd"], parallel=True)
+    assert capsys.readouterr().out.splitlines() == rows
+    assert parallel.keys() == serial.keys() and parallel["fp32 ieee odd"] == pytest.approx(serial["fp32 ieee odd"], rel=0.05)
+
+
 @pytest.mark.parametrize("argv,msg", [
     (["--T", "1k"], "--T takes comma-separated sequence lengths"),
     (["--T", "0,-5"], "--T takes comma-separated sequence lengths"),
