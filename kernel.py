@@ -29,8 +29,9 @@ section 3b (F1-F5 forward, B1-B6 backward); each kernel's docstring names those 
 
 Performance only, skippable on a first reading (each bought at least 5% at some T in a
 same-run A/B, NOTES.md section 3.2): _exp and _sigmoid (PTX), _dot16 / _dot_split (bf16 tiles
-into the tensor cores as they are), EVEN (sizes compiled in), and the backward's runs of chunks
-(_code_prep_kernel, _runs, _side_stream, default_runs, PREP).
+into the tensor cores as they are), EVEN (sizes compiled in), the backward's runs of chunks
+(_code_prep_kernel, _store_terms / _load_terms, _runs, _side_stream, default_runs, PREP), and
+the short convolution's own kernels (short_conv_silu).
 
 Legend: kernel names -> trellis.py's symbols (one head, one chunk of C rows)
   pointers (global tensors)
