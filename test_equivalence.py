@@ -1634,6 +1634,28 @@ def test_mqar_mixtures_are_zoologys():
     assert all(2 * n + 2 * n <= T for T, n in train_tiny.MQAR_TEST)
 
 
+def test_stability_report_kappa_is_the_chunks_write_norm_for_identity():
+    """With phi = identity (J = I), kappa is lambda_max(sum_j gamma_j e^{b_C - b_j} w_j w_j^T) of the
+    chunk, computed here from the layer's own inputs; one chunk, one head, so every pick is it."""
+    import train_tiny
+
+    torch.manual_seed(1)
+    cfg = tr.TrellisConfig(vocab_size=32, n_layer=1, n_embd=16, n_head=1, slots=4, chunk_size=8, phi="identity",
+                           gamma_max=1.5, gamma_init=1.0)
+    model = tr.TrellisLM(cfg).double()
+    torch.nn.init.normal_(model.blocks[0].mixer.gate_proj.weight, std=0.5)  # gates that vary by token
+    x = torch.randint(32, (1, 8))
+    report = train_tiny.stability_report(model, x, chunks=2)
+    block = model.blocks[0]
+    _, k, v, _, beta, gamma, _, _ = block.mixer.operator_inputs(block.norm1(model.wte(x)))
+    b = beta[0, :, 0].log().cumsum(0)  # [8]
+    for name, w in (("key", k), ("value", v)):
+        w = w[0, :, 0] * (gamma[0, :, 0] * torch.exp(b[-1] - b)).sqrt()[:, None]  # [8, d]
+        want = torch.linalg.eigvalsh(w.T @ w)[-1].item()
+        assert report[0][name]["kappa_max"] == pytest.approx(want, rel=1e-9)
+        assert report[0][name]["kappa_median"] == pytest.approx(want, rel=1e-9)
+
+
 def test_distinct_randint_draws_every_distinct_row_equally_often():
     """MQAR's keys and values: distinct within a row, in range, and every ordered row of distinct
     entries equally likely (12 of them for 2 of 4: 1000 each expected, sd about 30)."""
