@@ -67,7 +67,7 @@ The layer's short convolution (causal depthwise conv + SiLU, and each head's uni
 k) has a pass each way of its own, in the section before the check: short_conv_silu.
 
     python kernel.py                  # GPU: check against the PyTorch forms, then the benchmark table
-    python kernel.py --short-conv     # GPU: the short convolution against its PyTorch form
+    python kernel.py --skip-check --against OTHER_KERNEL.py   # GPU: a same-run A/B of two kernel.py
 """
 
 import argparse
@@ -1222,61 +1222,61 @@ def _peak_mib(fn):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-# name: ((sequential, parallel) warps, None: default_warps(); sweeps; scale of gamma). The inputs'
-# gamma ~ 0.5 is five times the model's gamma_max = 0.1; the exact rule's sweeps stop sooner at the
-# model's gamma, hence its own row.
-KERNEL_VARIANTS = {"kernel": (None, 0, 1.0), "kernel exact": (None, 63, 1.0),
-                   "exact, model g": (None, 63, 0.2)}
+# name: (sweeps, scale of gamma). The inputs' gamma ~ 0.5 is five times the model's gamma_max = 0.1;
+# the exact rule's sweeps stop sooner at the model's gamma, hence its own row.
+KERNEL_VARIANTS = {"kernel": (0, 1.0), "kernel exact": (63, 1.0), "exact, model g": (63, 0.2)}
 
 
-def bench(device="cuda", Ts=(1024, 4096, 16384), tokens=32768, H=8, d=64, m=64, C=64):
-    """fwd and fwd+bwd ms (median), tokens/s (fwd+bwd) and peak memory above the inputs, bf16 inputs."""
+def _load_kernel_file(path):
+    """Another copy of kernel.py (another commit's, or one with a piece of machinery replaced) as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kernel_against", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def bench(device="cuda", Ts=(1024, 4096, 16384), tokens=32768, H=8, d=64, m=64, C=64, against=None, rounds=3):
+    """fwd and fwd+bwd ms, tokens/s (fwd+bwd) and peak memory above the inputs, bf16 inputs: the
+    best of `rounds` interleaved rounds of do_bench medians. against: the path of another
+    kernel.py, timed in the same rounds (rows marked "*"), for a same-run A/B."""
     import torch.nn.functional as F
 
     if not all(isinstance(T, int) and 1 <= T <= tokens for T in Ts):
         raise ValueError(f"bench: every T must be an int in [1, tokens = {tokens}], got {list(Ts)}")
+    ops = {"": trellis_op_triton}
+    if against is not None:
+        ops["*"] = _load_kernel_file(against).trellis_op_triton
     eps = dict(_model_eps(), phi="norm_silu", f="norm_silu")
     rows = []
     for T in Ts:
         B = tokens // T
         ins = [t.requires_grad_(True) for t in _inputs(B, T, H, d, d, m, torch.bfloat16, device)]
-        first = lambda fn: lambda *a: fn(*a)[0]  # noqa: E731  (the output o of (o, K, V))
-        impls = {}
-        for name, (w, sw, scale) in KERNEL_VARIANTS.items():
+        impls = {}  # name: (leaves, function of the leaves returning o)
+        for name, (sw, scale) in KERNEL_VARIANTS.items():
             leaves = ins[:5] + [(ins[5].detach() * scale).requires_grad_(True)] + ins[6:]
-            impls[name] = (leaves, first((lambda w, sw: lambda *a: trellis_op_triton(
-                *a, chunk_size=C, sweeps=sw, num_warps=w, precision="tf32", **eps))(w, sw)))
+            for mark, op in ops.items():
+                impls[name + mark] = (leaves, (lambda op, sw: lambda *a: op(*a, chunk_size=C, sweeps=sw,
+                                                                            precision="tf32", **eps)[0])(op, sw))
         sdpa = [torch.randn(B, H, T, d, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
         impls["sdpa causal"] = (sdpa, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
-        for name, (leaves, fn) in impls.items():
-            fwd = (lambda fn, leaves: lambda: fn(*leaves))(fn, leaves)
-            o0 = fwd().detach()
-            both = (lambda fwd, leaves, o0: lambda: torch.autograd.grad(fwd(), leaves, o0))(fwd, leaves, o0)
-            with torch.no_grad():
-                t_f = _time(fwd)
-            t_b = _time(both)
+        timed = {}
+        for _ in range(rounds):
+            for name, (leaves, fn) in impls.items():
+                fwd = (lambda fn, leaves: lambda: fn(*leaves))(fn, leaves)
+                o0 = fwd().detach()
+                both = (lambda fwd, leaves, o0: lambda: torch.autograd.grad(fwd(), leaves, o0))(fwd, leaves, o0)
+                with torch.no_grad():
+                    t_f = _time(fwd)
+                t = timed.setdefault(name, [math.inf, math.inf, both])
+                t[:2] = min(t[0], t_f), min(t[1], _time(both))
+        for name, (t_f, t_b, both) in timed.items():
             mem = _peak_mib(both)
             rows.append((T, B, name, t_f, t_b, tokens / t_b * 1e3, mem))
             print(f"T={T:6d} B={B:3d} {name:16s} fwd {t_f:9.3f} ms  fwd+bwd {t_b:9.3f} ms  "
                   f"{tokens / t_b * 1e3 / 1e6:8.2f} Mtok/s  peak {mem:8.0f} MiB", flush=True)
     return rows
-
-
-def bench_short_conv(device="cuda", T=16384, tokens=32768, channels=512, head=64):
-    """fwd+bwd ms of the layer's short convolution + SiLU + unit norm per head (q and k of the
-    default model: 2 x 256 channels, heads of 64) at B*T = tokens in bf16: short_conv_silu
-    against ShortConv's PyTorch form (conv1d, then trellis.l2_normalize)."""
-    import trellis as tr
-
-    B = tokens // T
-    x = torch.randn(B, T, channels, device=device, dtype=torch.bfloat16, requires_grad=True)
-    conv = tr.ShortConv(channels).to(device)
-    dy = torch.randn_like(x)
-    kern = lambda: torch.autograd.grad(short_conv_silu(x, conv.weight[:, 0], head), (x, conv.weight), dy)  # noqa: E731
-    zeros = torch.zeros_like(x[:, :3])  # a carried zero state: ShortConv's PyTorch form, the same sums
-    pt = lambda: torch.autograd.grad(conv(x, cache=zeros, head=head)[0], (x, conv.weight), dy)  # noqa: E731
-    print(f"short conv + SiLU + unit norm per head, B={B} T={T} {channels} channels, bf16, fwd+bwd: "
-          f"kernel {_time(kern):.3f} ms, PyTorch {_time(pt):.3f} ms", flush=True)
 
 
 H100_SHARED_MEMORY = 232448  # bytes one program may use on an H100 (227 KiB)
@@ -1318,7 +1318,7 @@ if __name__ == "__main__":
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--T", default="1024,4096,16384", help="sequence lengths, B*T = 32768 (default: 1024,4096,16384)")
-    ap.add_argument("--short-conv", action="store_true", help="only time the layer's short convolution")
+    ap.add_argument("--against", metavar="PATH", help="another kernel.py to time in the same rounds (an A/B)")
     a = ap.parse_args()
     try:
         lengths = [int(t) for t in a.T.split(",") if t]
@@ -1327,14 +1327,14 @@ if __name__ == "__main__":
     if not lengths or not all(1 <= t <= 32768 for t in lengths):
         ap.exit(2, f"kernel.py: --T takes comma-separated sequence lengths in [1, 32768] such as 1024,4096, "
                    f"got {a.T!r}\n")
+    if a.against is not None and not os.path.isfile(a.against):
+        ap.exit(2, f"kernel.py: --against {a.against!r} is not a file; give the path of another kernel.py, e.g. "
+                   f"git show 3748fdd:kernel.py > /tmp/kernel_old.py\n")
     if not torch.cuda.is_available():
         ap.exit(2, f"kernel.py: --device {a.device} needs a CUDA GPU, and torch sees none; the tests run the "
                    "kernels on the CPU (README)\n")
     props = torch.cuda.get_device_properties(a.device)
     print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}")
-    if a.short_conv:
-        bench_short_conv(a.device)
-    else:
-        if not a.skip_check:
-            check(a.device, parallel=True)
-        bench(a.device, Ts=lengths)
+    if not a.skip_check:
+        check(a.device, parallel=True)
+    bench(a.device, Ts=lengths, against=a.against)

@@ -917,10 +917,11 @@ def test_check_in_parallel_reports_what_it_reports_in_one_process(capsys):
     (["--T", "1k"], "--T takes comma-separated sequence lengths"),
     (["--T", "0,-5"], "--T takes comma-separated sequence lengths"),
     (["--T", "65536"], "--T takes comma-separated sequence lengths"),
+    (["--against", "no_such_kernel.py"], "--against 'no_such_kernel.py' is not a file"),
     ([], "--device cuda needs a CUDA GPU"),
 ])
 def test_benchmark_command_bad_input_is_one_line(argv, msg):
-    """python kernel.py with a bad length or, where torch sees no GPU (none made visible here),
+    """python kernel.py with a bad length, a missing --against file or, where torch sees no GPU (none made visible here),
     --device cuda: exit code 2 and one line that says what is wrong, no traceback."""
     import subprocess
     import sys
