@@ -507,9 +507,9 @@ def mqar_accuracy(model, args, ctx, sequences=1000, batch=50):
 # the chunk-start rule's stability, per layer (--eval-exact prints it)
 #
 # The chunk-start rule takes a chunk's C codes at the chunk's start memory. Linearized, one chunk
-# maps an error dS of that memory to e^{b_C} dS - sum_j gamma_j e^{b_C - b_j} J_j dS w_j w_j^T,
+# maps an error dS of that memory to e^{b_c} dS - sum_j gamma_j e^{b_c - b_j} J_j dS w_j w_j^T,
 # where J_j = du/dz at token j, the Hessian of 1/2 ||phi(z) - a_j||^2 (symmetric). The map stops
-# contracting once kappa = lambda_max(sum_j gamma_j e^{b_C - b_j} w_j w_j^T) max_j lambda_max(J_j)
+# contracting once kappa = lambda_max(sum_j gamma_j e^{b_c - b_j} w_j w_j^T) max_j lambda_max(J_j)
 # exceeds 2; the sum grows with the number of aligned writes in a chunk. The exact rule takes
 # one token at a time and only needs gamma_j lambda_max(J_j) < 2 (for unit w).
 

@@ -39,7 +39,7 @@ Glossary (code symbol: paper symbol, shape for one batch element and one head)
   Gam_prev    Gamma'_ij = exp(b_{i-1} - b_j) for j < i, else 0        [C, C]
   L           (W W^T) . Gamma', strictly lower triangular             [C, C]
   Z0          diag(e^{b_prev}) W S^T, the part of Z the chunk's own writes do not touch
-  to_end      e^{b_C - b_i}, the decay from row i to the chunk's end   [C]
+  to_end      e^{b_c - b_i}, the decay from row i to the chunk's end   [C]
   sweeps      refinement sweeps of Z = Z0 - L Ubar(Z); 0 = the paper's chunk-start rule
   phi_eps     the epsilon of phi's LayerNorm (normalized SiLU);  f_eps: the same for f
   sd, rsd     the LayerNorm's standard deviation sqrt(var + eps), and 1 / sd (kernel.py)
