@@ -1145,65 +1145,61 @@ def _fwd_bwd(fn, ins, seed=1):
     return [o.detach() for o in outs] + list(grads)
 
 
-def check(device="cuda", only=None, parallel=False, header=True):
-    """Max relative error (max |x - ref| / max |ref|) per tensor, kernel vs the float64
-    PyTorch chunked form on the same inputs, for every case (or the labels in `only`). The
-    backward takes its chunks in runs with _code_prep_kernel wherever B*H*2 leaves half the SMs
-    free (default_runs); "bf16 one run" (B*H*2 = 128) walks them in one run, computing the
-    code's terms in the walk. parallel: each case in a process of its own, all at once (each
-    compiles its own kernels, and a process compiles one kernel at a time, on the CPU)."""
+CHECK_CASES = {  # label: (dtype, precision, (B, T, H, d_k, d_v, m, C, phi, f, exact))
+    "fp32 tf32": (torch.float32, "tf32", (2, 300, 4, 64, 64, 64, 64, "norm_silu", "norm_silu", False)),
+    "fp32 ieee": (torch.float32, "ieee", (2, 300, 4, 64, 64, 64, 64, "norm_silu", "norm_silu", False)),
+    "bf16 tf32": (torch.bfloat16, "tf32", (2, 300, 4, 64, 64, 64, 64, "norm_silu", "norm_silu", False)),
+    "fp32 ieee odd": (torch.float32, "ieee", (3, 77, 2, 40, 24, 48, 32, "silu", "l2_silu", False)),
+    "fp32 ieee id": (torch.float32, "ieee", (1, 1000, 2, 128, 128, 128, 16, "identity", "norm_silu", False)),
+    "bf16 tf32 1k": (torch.bfloat16, "tf32", (4, 1024, 8, 64, 64, 64, 64, "norm_silu", "norm_silu", False)),
+    "bf16 one run": (torch.bfloat16, "tf32", (8, 300, 8, 64, 64, 64, 64, "norm_silu", "norm_silu", False)),
+    "exact fp32 ieee": (torch.float32, "ieee", (2, 300, 4, 64, 64, 64, 64, "norm_silu", "norm_silu", True)),
+    "exact odd": (torch.float32, "ieee", (3, 77, 2, 40, 24, 48, 32, "silu", "l2_silu", True)),
+    "exact bf16 tf32": (torch.bfloat16, "tf32", (2, 300, 4, 64, 64, 64, 64, "norm_silu", "norm_silu", True)),
+    "m 256 C16 ieee": (torch.float32, "ieee", (2, 300, 2, 64, 64, 256, 16, "norm_silu", "norm_silu", False)),
+    "exact m 256 C16": (torch.float32, "ieee", (2, 300, 2, 64, 64, 256, 16, "norm_silu", "norm_silu", True)),
+}
+CHECKED = ["o", "K", "V", "dq", "dk", "dv", "dalpha", "dbeta", "dgamma", "dK0", "dV0"]
+
+
+def _check_case(device, label):
+    """max |x - ref| / max |ref| for each of CHECKED: the kernel against the float64 PyTorch
+    chunked form (for exact, C - 1 sweeps: the per-token loop, tested) on the same inputs."""
     import trellis as tr
 
-    eps = _model_eps()
-    names = ["o", "K", "V", "dq", "dk", "dv", "dalpha", "dbeta", "dgamma", "dK0", "dV0"]
-    cases = [  # (label, dtype, precision, shape B, T, H, dk, dv, m, C, phi, f, exact)
-        ("fp32 tf32", torch.float32, "tf32", (2, 300, 4, 64, 64, 64, 64, "norm_silu", "norm_silu", False)),
-        ("fp32 ieee", torch.float32, "ieee", (2, 300, 4, 64, 64, 64, 64, "norm_silu", "norm_silu", False)),
-        ("bf16 tf32", torch.bfloat16, "tf32", (2, 300, 4, 64, 64, 64, 64, "norm_silu", "norm_silu", False)),
-        ("fp32 ieee odd", torch.float32, "ieee", (3, 77, 2, 40, 24, 48, 32, "silu", "l2_silu", False)),
-        ("fp32 ieee id", torch.float32, "ieee", (1, 1000, 2, 128, 128, 128, 16, "identity", "norm_silu", False)),
-        ("bf16 tf32 1k", torch.bfloat16, "tf32", (4, 1024, 8, 64, 64, 64, 64, "norm_silu", "norm_silu", False)),
-        ("bf16 one run", torch.bfloat16, "tf32", (8, 300, 8, 64, 64, 64, 64, "norm_silu", "norm_silu", False)),
-        ("exact fp32 ieee", torch.float32, "ieee", (2, 300, 4, 64, 64, 64, 64, "norm_silu", "norm_silu", True)),
-        ("exact odd", torch.float32, "ieee", (3, 77, 2, 40, 24, 48, 32, "silu", "l2_silu", True)),
-        ("exact bf16 tf32", torch.bfloat16, "tf32", (2, 300, 4, 64, 64, 64, 64, "norm_silu", "norm_silu", True)),
-        ("m 256 C16 ieee", torch.float32, "ieee", (2, 300, 2, 64, 64, 256, 16, "norm_silu", "norm_silu", False)),
-        ("exact m 256 C16", torch.float32, "ieee", (2, 300, 2, 64, 64, 256, 16, "norm_silu", "norm_silu", True)),
-    ]
-    labels = [label for label, *_ in cases]
-    unknown = set(only or ()) - set(labels)
-    if unknown:
-        raise ValueError(f"check: no case named {sorted(unknown)}; the cases: {labels}")
-    if header:
-        print(f"{'case':16s} " + " ".join(f"{n:>8s}" for n in names))
-    worst = {}
-    if parallel:
-        import subprocess
-        import sys
+    dtype, prec, (B, T, H, dk, dv, m, C, phi, f, exact) = CHECK_CASES[label]
+    ins, eps, sw = _inputs(B, T, H, dk, dv, m, dtype, device), _model_eps(), C - 1 if exact else 0
+    ref = _fwd_bwd(lambda *a: tr.trellis_op(*a, phi=phi, f=f, chunk_size=C, sweeps=sw, impl="chunked", **eps),
+                   [t.double() for t in ins])
+    got = _fwd_bwd(lambda *a: trellis_op_triton(*a, phi=phi, f=f, chunk_size=C, sweeps=sw, precision=prec, **eps), ins)
+    return [((x.double() - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() for x, r in zip(got, ref)]
 
-        code = "import kernel; kernel.check({!r}, only=[{!r}], header=False)"
-        procs = {label: subprocess.Popen([sys.executable, "-c", code.format(device, label)], stdout=subprocess.PIPE,
-                                         text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
-                 for label in labels if only is None or label in only}
-        for label, p in procs.items():  # in the cases' order
-            row = p.communicate()[0]
-            print(row, end="", flush=True)
-            errs = [float(e) for e in row.split()[-len(names):]] if p.returncode == 0 else [math.nan]
+
+def check(device="cuda", only=None, parallel=False):
+    """Prints and returns (label: worst error) every case of CHECK_CASES (or those in `only`).
+    The backward takes its chunks in runs with _code_prep_kernel wherever B*H*2 leaves half the
+    SMs free (default_runs); "bf16 one run" (B*H*2 = 128) walks them in one run, computing the
+    code's terms in the walk. parallel: each case in a process of its own, all at once (each
+    compiles its own kernels, and a process compiles one kernel at a time, on the CPU)."""
+    unknown = set(only or ()) - set(CHECK_CASES)
+    if unknown:
+        raise ValueError(f"check: no case named {sorted(unknown)}; the cases: {list(CHECK_CASES)}")
+    labels = [label for label in CHECK_CASES if only is None or label in only]
+    print(f"{'case':16s} " + " ".join(f"{n:>8s}" for n in CHECKED))
+    worst = {}
+    with contextlib.ExitStack() as stack:
+        if parallel:
+            import concurrent.futures
+            import multiprocessing
+
+            pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
+                len(labels), mp_context=multiprocessing.get_context("spawn")))
+            results = pool.map(_check_case, [device] * len(labels), labels)  # in the cases' order
+        else:
+            results = (_check_case(device, label) for label in labels)
+        for label, errs in zip(labels, results):
+            print(f"{label:16s} " + " ".join(f"{e:8.1e}" for e in errs), flush=True)
             worst[label] = max(errs) if all(math.isfinite(e) for e in errs) else math.nan
-        return worst
-    for label, dtype, prec, (B, T, H, dk, dv, m, C, phi, f, exact) in cases:
-        if only is not None and label not in only:
-            continue
-        ins = _inputs(B, T, H, dk, dv, m, dtype, device)
-        sw = C - 1 if exact else 0  # the reference for exact: C - 1 sweeps (= the per-token loop, tested)
-        ref = _fwd_bwd(lambda *a: tr.trellis_op(*a, phi=phi, f=f, chunk_size=C, sweeps=sw, impl="chunked", **eps),
-                       [t.double() for t in ins])
-        got = _fwd_bwd(lambda *a: trellis_op_triton(*a, phi=phi, f=f, chunk_size=C, sweeps=sw, precision=prec, **eps),
-                       ins)
-        errs = [((x.double() - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() for x, r in zip(got, ref)]
-        ok = all(math.isfinite(e) for e in errs)
-        worst[label] = max(errs) if ok else float("nan")
-        print(f"{label:16s} " + " ".join(f"{e:8.1e}" for e in errs), flush=True)
     return worst
 
 
