@@ -778,7 +778,7 @@ def _launch_config(DK, DV, M, C, phi, f, phi_eps, f_eps, exact, prec, num_warps)
     kernels, _state_grads_kernel and _code_prep_kernel. (warps, pipeline stages): the sequential
     kernels prefetch the next chunk, unless an [m, d] memory tile holds over 8192 entries
     (m = d = 128, or m = 256): the backward's prefetched fp32 tiles would then take 280-304 KB of
-    shared memory; the parallel ones have no loop to pipeline (shared_memory() reports each
+    shared memory; the parallel ones have no loop to pipeline (test_equivalence.py's kernel_shared_memory reports each
     kernel's bytes). The sequential and prep kernels evaluate phi's code, the read kernels f: each
     has its own eps."""
     even = DK == DV == _block(DK) and M == _block(M)  # no padding: sizes known when compiling
@@ -1273,40 +1273,6 @@ def bench(device="cuda", Ts=(1024, 4096, 16384), tokens=32768, H=8, d=64, m=64, 
             print(f"T={T:6d} B={B:3d} {name:16s} fwd {t_f:9.3f} ms  fwd+bwd {t_b:9.3f} ms  "
                   f"{tokens / t_b * 1e3 / 1e6:8.2f} Mtok/s  peak {mem:8.0f} MiB", flush=True)
     return rows
-
-
-H100_SHARED_MEMORY = 232448  # bytes one program may use on an H100 (227 KiB)
-
-
-def shared_memory(C, m, d, phi="norm_silu", f="norm_silu", exact=False, num_warps=None, dtype="fp32"):
-    """Bytes of shared memory each kernel needs at chunk size C, m slots and d_k = d_v = d, with
-    q, k, v, alpha in `dtype` ("fp32" or "bf16", whose dots differ), compiled for sm_90 with
-    Triton's bundled ptxas: no GPU needed. Needs TRITON_INTERPRET unset or 0 (the interpreter
-    compiles nothing). num_warps None: default_warps(m)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    seq, par, grads, prep = _launch_config(d, d, m, C, phi, f, 1.0, 1e-3, exact, "tf32",
-                                           num_warps or default_warps(m))  # eps size nothing
-    out = {}
-    kernels = [(_state_fwd_kernel, seq), (_read_fwd_kernel, par),
-               (_read_bwd_value_kernel, par), (_read_bwd_key_kernel, par), (_state_bwd_kernel, dict(seq, PREP=False)),
-               (_state_grads_kernel, grads)]
-    if not exact:  # the backward in runs: the walk reads _code_prep_kernel's terms
-        kernels += [(_code_prep_kernel, prep), (_state_bwd_kernel, dict(seq, PREP=True))]
-    for fn, launch in kernels:
-        warps, stages = launch["num_warps"], launch["num_stages"]
-        consts = {k: v for k, v in launch.items() if k in fn.arg_names and k not in ("DK", "DV", "M")}
-        ints = ("T", "H", "NC", "C0", "NCS", "DK", "DV", "M")
-        inputs = ("q", "k", "v", "al", "do", "o", "dq", "dkf", "dvf", "dal")  # in the inputs' dtype
-        sig = {a: "constexpr" if a in consts else "i32" if a in ints else f"*{dtype}" if a in inputs else "*fp32"
-               for a in fn.arg_names}
-        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 128),
-                                  options=dict(num_warps=warps, num_stages=stages))
-        name = fn.__name__ + (" (prep)" if launch.get("PREP") else "")
-        out[name] = compiled.metadata.shared
-    return out
 
 
 if __name__ == "__main__":

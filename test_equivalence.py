@@ -828,6 +828,43 @@ def test_kernel_short_conv_equals_conv1d(seed, B, T, size, groups, norm, gap):
     assert (ggot[0][..., C:] == 0).all()
 
 
+H100_SHARED_MEMORY = 232448  # bytes one program may use on an H100 (227 KiB)
+
+
+def kernel_shared_memory(C, m, d, phi="norm_silu", f="norm_silu", exact=False, num_warps=None, dtype="fp32"):
+    """Bytes of shared memory each kernel needs at chunk size C, m slots and d_k = d_v = d, with
+    q, k, v, alpha in `dtype` ("fp32" or "bf16", whose dots differ), compiled for sm_90 with
+    Triton's bundled ptxas: no GPU needed. Needs TRITON_INTERPRET unset or 0 (the interpreter
+    compiles nothing). num_warps None: kernel.default_warps(m)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import kernel
+
+    seq, par, grads, prep = kernel._launch_config(d, d, m, C, phi, f, 1.0, 1e-3, exact, "tf32",
+                                                  num_warps or kernel.default_warps(m))  # eps size nothing
+    out = {}
+    kernels = [(kernel._state_fwd_kernel, seq), (kernel._read_fwd_kernel, par), (kernel._read_bwd_value_kernel, par),
+               (kernel._read_bwd_key_kernel, par), (kernel._state_bwd_kernel, dict(seq, PREP=False)),
+               (kernel._state_grads_kernel, grads)]
+    if not exact:  # the backward in runs: the walk reads _code_prep_kernel's terms
+        kernels += [(kernel._code_prep_kernel, prep), (kernel._state_bwd_kernel, dict(seq, PREP=True))]
+    for fn, launch in kernels:
+        warps, stages = launch["num_warps"], launch["num_stages"]
+        consts = {k: v for k, v in launch.items() if k in fn.arg_names and k not in ("DK", "DV", "M")}
+        ints = ("T", "H", "NC", "C0", "NCS", "DK", "DV", "M")
+        inputs = ("q", "k", "v", "al", "do", "o", "dq", "dkf", "dvf", "dal")  # in the inputs' dtype
+        sig = {a: "constexpr" if a in consts else "i32" if a in ints else f"*{dtype}" if a in inputs else "*fp32"
+               for a in fn.arg_names}
+        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 128),
+                                  options=dict(num_warps=warps, num_stages=stages))
+        name = fn.__name__ + (" (prep)" if launch.get("PREP") else "")
+        out[name] = compiled.metadata.shared
+    return out
+
+
 HOPPER_SIZES = [(64, 64, 64, False), (64, 64, 64, True), (32, 128, 128, False), (32, 128, 128, True),
                 (16, 256, 64, False), (16, 256, 64, True), (64, 128, 64, False)]  # (C, m, d, exact); the last refused
 _hopper_compile = []
@@ -841,7 +878,7 @@ def start_hopper_compile():
     import sys
 
     if not _hopper_compile:
-        code = ("import json, kernel; print(json.dumps([max(kernel.shared_memory(C, m, d, exact=e).values()) "
+        code = ("import json, test_equivalence as t; print(json.dumps([max(t.kernel_shared_memory(C, m, d, exact=e).values()) "
                 f"for C, m, d, e in {HOPPER_SIZES!r}]))")
         env = {**os.environ, "TRITON_INTERPRET": "0"}
         _hopper_compile.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
@@ -863,7 +900,7 @@ def test_hopper_shared_memory_fits_the_accepted_sizes():
     out, err = run.communicate(timeout=1200)
     assert run.returncode == 0, err[-2000:]
     *accepted, refused = json.loads(out.strip().splitlines()[-1])
-    assert max(accepted) <= kernel.H100_SHARED_MEMORY < refused
+    assert max(accepted) <= H100_SHARED_MEMORY < refused
     probe = lambda d, m: tuple(torch.empty(1, 1, 1, n, device=KERNEL_DEVICE) for n in (d, d, m))  # noqa: E731
     assert kernel.unsupported(*probe(64, 64), "norm_silu", "norm_silu", 64, 0) is None
     assert kernel.unsupported(*probe(128, 128), "norm_silu", "norm_silu", 32, 31) is None
