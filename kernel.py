@@ -199,6 +199,36 @@ def _code_vjp(dU, g, u, k1, s1, y, a, rsd, c0, c1, c2, mm, M, PHI: tl.constexpr)
 
 
 @triton.jit
+def _code_vjp_u(dU, g, u, k1, s1, y, a, rsd, c0, c1, c2, mm, M, PHI: tl.constexpr):
+    """(dz, da, dg) for Ū = g ⊙ code(z, a) and dL/dŪ = dU, from _code_lin's terms at (z, a): B3,
+    trellis.py's code_vjp in closed form.
+    For normalized SiLU the product J_codeᵀ du (du = g dU, p = du ⊙ s1, means over the real
+    slots) collapses to
+        dz = du ⊙ k1 - s1 ⊙ (y r1 - a r2 + r3),   da = -(p - mean(p) - y mean(p y)) rsd,
+        k1 = h ⊙ silu'' + rsd² (1 - mean(e y)) s1²,   r2 = rsd² mean(p y),
+        r1 = r2 (3 - 2 mean(e y) - mean(y²)) + rsd mean(du ⊙ u),
+        r3 = rsd² ((1 - mean(e y)) mean(p) - mean(p y) (mean(y) + mean(e))),
+    three row sums that need du (NOTES.md, section 2)."""
+    du = g[:, None] * dU
+    dg = tl.sum(dU * u, 1)
+    if PHI == 0:
+        dz = du
+        da = -du
+    elif PHI == 1:
+        dz = du * k1
+        da = -du * s1
+    else:
+        p = tl.where(mm, du * s1, 0.0)
+        mp, py = tl.sum(p, 1) / M, tl.sum(p * y, 1) / M
+        r2 = rsd * rsd * py
+        r1 = r2 * c1 + rsd * (g * dg / M)  # g dg / M = mean(du ⊙ u)
+        r3 = rsd * rsd * (c0 * mp - py * c2)
+        dz = du * k1 - s1 * (y * r1[:, None] - a * r2[:, None] + r3[:, None])
+        da = -(p - mp[:, None] - y * py[:, None]) * rsd[:, None]
+    return tl.where(mm, dz, 0.0), tl.where(mm, da, 0.0), dg
+
+
+@triton.jit
 def _f_fwd(yh, mm, M, F: tl.constexpr, EPS: tl.constexpr):
     """r = f(yhat): LayerNorm(SiLU) (F = 0) or SiLU / ||SiLU|| (F = 1)."""
     s, _, _ = _silu_parts(yh)
@@ -574,7 +604,7 @@ def _store_terms(PT, PR, PL, run_ci, u, k1, s1, y, rsd, c0, c1, c2, L, oc, om, C
     """One chunk's _code_lin terms into a run's buffers: tiles u (identity and SiLU only), k1, s1,
     y into PT, rows rsd, c0, c1, c2 into PR, and (EXACT) L into PL."""
     tile, base = oc[:, None] * BM + om[None, :], run_ci * 4
-    if PHI != 2:
+    if (PHI != 2) | (not EXACT):
         tl.store(PT + base * C * BM + tile, u)
     tl.store(PT + (base + 1) * C * BM + tile, k1)
     tl.store(PT + (base + 2) * C * BM + tile, s1)
@@ -690,7 +720,7 @@ def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, PT, PR, PL, UK, UV, dUK, dUV, dS
         if EXACT:
             dZ, da, dgv = _exact_codes_bwd(L, a, g, dU, u, k1, s1, y, rsd, c0, c1, c2, mm, M, PHI, C, PREC)
         else:
-            dZ, da, dgv = _code_vjp(dU, g, u, k1, s1, y, a, rsd, c0, c1, c2, mm, M, PHI)
+            dZ, da, dgv = _code_vjp_u(dU, g, u, k1, s1, y, a, rsd, c0, c1, c2, mm, M, PHI)
         tl.store(dUU + rows_m, dZ, mask=mrow)
         tl.store(dal + rows_m, da, mask=mrow)
         tl.store(dgm + gb + t * s_t, dgv, mask=tm)
