@@ -28,8 +28,8 @@ section 3b (F1-F5 forward, B1-B6 backward); each kernel's docstring names those 
                                   the state updates, every chunk in parallel
 
 Performance only, skippable on a first reading (each bought at least 5% at some T in a
-same-run A/B, NOTES.md section 3.2): _exp and _sigmoid (PTX), _dot16 / _dot_split (bf16 tiles
-into the tensor cores as they are), EVEN (sizes compiled in), the backward's runs of chunks
+same-run A/B, NOTES.md section 3.2): _exp and _sigmoid (PTX), _code_vjp_u, _dot16 / _dot_split
+(bf16 tiles into the tensor cores as they are), EVEN (sizes compiled in), the backward's runs of chunks
 (_code_prep_kernel, _store_terms / _load_terms, _runs, _side_stream, default_runs, PREP), and
 the short convolution's own kernels (short_conv_silu).
 
@@ -175,7 +175,7 @@ def _code_vjp(dU, g, u, k1, s1, y, a, rsd, c0, c1, c2, mm, M, PHI: tl.constexpr)
         dz = du ⊙ k1 - s1 ⊙ (y r1 - a r2 + r3),   da = -(q - mean(q) - y mean(q y)) g rsd,
         du = g dU,  r2 = g rsd² mean(q y),  r1 = c1 r2 + g rsd dg / M,
         r3 = g rsd² (c0 mean(q) - c2 mean(q y));
-    u itself is only read for identity and SiLU."""
+    u itself is only read for identity and SiLU (the chunk-start walk takes _code_vjp_u)."""
     du = g[:, None] * dU
     if PHI == 0:
         dz = du
@@ -198,17 +198,11 @@ def _code_vjp(dU, g, u, k1, s1, y, a, rsd, c0, c1, c2, mm, M, PHI: tl.constexpr)
     return tl.where(mm, dz, 0.0), tl.where(mm, da, 0.0), dg
 
 
-@triton.jit
+@triton.jit  # performance only: the same product, fewer products a slot where u is at hand
 def _code_vjp_u(dU, g, u, k1, s1, y, a, rsd, c0, c1, c2, mm, M, PHI: tl.constexpr):
-    """(dz, da, dg) for Ū = g ⊙ code(z, a) and dL/dŪ = dU, from _code_lin's terms at (z, a): B3,
-    trellis.py's code_vjp in closed form.
-    For normalized SiLU the product J_codeᵀ du (du = g dU, p = du ⊙ s1, means over the real
-    slots) collapses to
-        dz = du ⊙ k1 - s1 ⊙ (y r1 - a r2 + r3),   da = -(p - mean(p) - y mean(p y)) rsd,
-        k1 = h ⊙ silu'' + rsd² (1 - mean(e y)) s1²,   r2 = rsd² mean(p y),
-        r1 = r2 (3 - 2 mean(e y) - mean(y²)) + rsd mean(du ⊙ u),
-        r3 = rsd² ((1 - mean(e y)) mean(p) - mean(p y) (mean(y) + mean(e))),
-    three row sums that need du (NOTES.md, section 2)."""
+    """_code_vjp's (dz, da, dg), with dg = Σ dU ⊙ u read from u, which the chunk-start walk has at
+    hand, instead of from three sums of q. In p = du ⊙ s1 = g q the rest is _code_vjp's:
+    r2 = rsd² mean(p y), r1 = c1 r2 + rsd g dg / M, r3 = rsd² (c0 mean(p) - c2 mean(p y))."""
     du = g[:, None] * dU
     dg = tl.sum(dU * u, 1)
     if PHI == 0:
@@ -221,7 +215,7 @@ def _code_vjp_u(dU, g, u, k1, s1, y, a, rsd, c0, c1, c2, mm, M, PHI: tl.constexp
         p = tl.where(mm, du * s1, 0.0)
         mp, py = tl.sum(p, 1) / M, tl.sum(p * y, 1) / M
         r2 = rsd * rsd * py
-        r1 = r2 * c1 + rsd * (g * dg / M)  # g dg / M = mean(du ⊙ u)
+        r1 = r2 * c1 + rsd * (g * dg / M)
         r3 = rsd * rsd * (c0 * mp - py * c2)
         dz = du * k1 - s1 * (y * r1[:, None] - a * r2[:, None] + r3[:, None])
         da = -(p - mp[:, None] - y * py[:, None]) * rsd[:, None]
@@ -601,8 +595,9 @@ def _forward_z(w, S, UU, rows_m, mrow, b, lb, oc, EXACT: tl.constexpr, PREC: tl.
 @triton.jit  # performance only (with _load_terms and _code_prep_kernel)
 def _store_terms(PT, PR, PL, run_ci, u, k1, s1, y, rsd, c0, c1, c2, L, oc, om, C: tl.constexpr, BM: tl.constexpr,
                  PHI: tl.constexpr, EXACT: tl.constexpr):
-    """One chunk's _code_lin terms into a run's buffers: tiles u (identity and SiLU only), k1, s1,
-    y into PT, rows rsd, c0, c1, c2 into PR, and (EXACT) L into PL."""
+    """One chunk's _code_lin terms into a run's buffers: tiles u (unless the exact rule's normalized
+    SiLU, whose product does not read it), k1, s1, y into PT, rows rsd, c0, c1, c2 into PR, and
+    (EXACT) L into PL."""
     tile, base = oc[:, None] * BM + om[None, :], run_ci * 4
     if (PHI != 2) | (not EXACT):
         tl.store(PT + base * C * BM + tile, u)
