@@ -817,6 +817,11 @@ def _launch_config(DK, DV, M, C, phi, f, phi_eps, f_eps, exact, prec, num_warps)
     return seq, par, grads, prep
 
 
+def _taken(fn, launch):
+    """The launch keywords (from _launch_config) that kernel fn takes, with its warps and stages."""
+    return {x: launch[x] for x in launch if x in fn.arg_names or x in ("num_warps", "num_stages")}
+
+
 def _runs(NC, n):
     """Up to n consecutive runs of chunks (first chunk, count) covering chunks 0 .. NC - 1."""
     n = max(1, min(n, NC))
@@ -887,7 +892,7 @@ class TrellisChunkFn(torch.autograd.Function):
         spans = ctx.spans
         dKs = [torch.empty_like(dKT) for _ in spans] + [dKT]  # dL/d(state) where runs meet; dKs[0] = dL/dK0
         dVs = [torch.empty_like(dVT) for _ in spans] + [dVT]
-        p, C = ctx.par, ctx.seq["C"]
+        C = ctx.seq["C"]
         side = _side_stream(q.device) if q.is_cuda and len(spans) > 1 else None
         main = torch.cuda.current_stream(q.device) if side else None
         # _code_prep_kernel's terms, two runs' worth: run r writes buffer r % 2 once the walk of run r + 2,
@@ -900,11 +905,9 @@ class TrellisChunkFn(torch.autograd.Function):
         for r in reversed(range(len(spans))):
             c0, n = spans[r]
             _read_bwd_value_kernel[(n, B * H)](v, log_beta, SV, UV, YK, do, dv, dUV, dSV, dYK, dlb_read, T, H, NC, c0,
-                                               **{x: p[x] for x in ("DV", "M", "BDV", "BM", "C", "F", "EPS", "PREC",
-                                                                    "EVEN", "num_warps", "num_stages")})
+                                               **_taken(_read_bwd_value_kernel, ctx.par))
             _read_bwd_key_kernel[(n, B * H)](q, k, log_beta, SK, UK, dYK, dq, dk, dUK, dSK, dlb_read, T, H, NC, c0,
-                                             **{x: p[x] for x in ("DK", "M", "BDK", "BM", "C", "PREC", "EVEN",
-                                                                  "num_warps", "num_stages")})
+                                             **_taken(_read_bwd_key_kernel, ctx.par))
             if ctx.prepped:
                 if r + 2 in walked:
                     main.wait_event(walked[r + 2])
