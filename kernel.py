@@ -803,9 +803,9 @@ def _launch_config(DK, DV, M, C, phi, f, phi_eps, f_eps, exact, prec, num_warps)
     kernels, _state_grads_kernel and _code_prep_kernel. (warps, pipeline stages): the sequential
     kernels prefetch the next chunk, unless an [m, d] memory tile holds over 8192 entries
     (m = d = 128, or m = 256): the backward's prefetched fp32 tiles would then take 280-304 KB of
-    shared memory; the parallel ones have no loop to pipeline (test_equivalence.py's kernel_shared_memory reports each
-    kernel's bytes). The sequential and prep kernels evaluate phi's code, the read kernels f: each
-    has its own eps."""
+    shared memory; the parallel ones have no loop to pipeline (kernel_shared_memory in
+    test_equivalence.py reports each kernel's bytes). The sequential and prep kernels evaluate
+    phi's code, the read kernels f: each has its own eps."""
     even = DK == DV == _block(DK) and M == _block(M)  # no padding: sizes known when compiling
     dims = dict(DK=DK, DV=DV, M=M, BM=_block(M), C=C, PREC=prec, EVEN=even)
     BD = max(_block(DK), _block(DV))
