@@ -878,7 +878,8 @@ def start_hopper_compile():
     import sys
 
     if not _hopper_compile:
-        code = ("import json, test_equivalence as t; print(json.dumps([max(t.kernel_shared_memory(C, m, d, exact=e).values()) "
+        code = ("import json, test_equivalence as t; "
+                "print(json.dumps([max(t.kernel_shared_memory(C, m, d, exact=e).values()) "
                 f"for C, m, d, e in {HOPPER_SIZES!r}]))")
         env = {**os.environ, "TRITON_INTERPRET": "0"}
         _hopper_compile.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
@@ -958,8 +959,9 @@ def test_check_in_parallel_reports_what_it_reports_in_one_process(capsys):
     ([], "--device cuda needs a CUDA GPU"),
 ])
 def test_benchmark_command_bad_input_is_one_line(argv, msg):
-    """python kernel.py with a bad length, a missing --against file or, where torch sees no GPU (none made visible here),
-    --device cuda: exit code 2 and one line that says what is wrong, no traceback."""
+    """python kernel.py with a bad length, a missing --against file or, where torch sees no GPU
+    (none made visible here), --device cuda: exit code 2 and one line that says what is wrong, no
+    traceback."""
     import subprocess
     import sys
 
