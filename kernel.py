@@ -261,8 +261,7 @@ def _load_rows(ptr, t, tm, offs, real, s_t):
     return tl.load(ptr + t[:, None] * s_t + offs[None, :], mask=mask, other=0.0)
 
 
-# -----------------------------------------------------------------------------
-# dots. q, k, v and dO come in the inputs' dtype; everything else (memories, codes, gradients) is
+# Dots. q, k, v and dO come in the inputs' dtype; everything else (memories, codes, gradients) is
 # fp32. A bf16 tile goes into the tensor cores as it is: a product with a bf16 partner is exact
 # in one bf16 dot, and an fp32 partner x is split into bf16 terms x = x1 + x2 (+ x3) whose
 # products are exact, summed in fp32. Two terms keep 16 of x's 24 bits (TF32 keeps 11); three
