@@ -175,26 +175,19 @@ def _code_vjp(dU, g, u, k1, s1, y, a, rsd, c0, c1, c2, mm, M, PHI: tl.constexpr)
         dz = du ⊙ k1 - s1 ⊙ (y r1 - a r2 + r3),   da = -(q - mean(q) - y mean(q y)) g rsd,
         du = g dU,  r2 = g rsd² mean(q y),  r1 = c1 r2 + g rsd dg / M,
         r3 = g rsd² (c0 mean(q) - c2 mean(q y));
-    u itself is only read for identity and SiLU (the chunk-start walk takes _code_vjp_u)."""
+    Identity and SiLU read u: their product is _code_vjp_u's (the chunk-start walk's form)."""
+    if PHI != 2:
+        return _code_vjp_u(dU, g, u, k1, s1, y, a, rsd, c0, c1, c2, mm, M, PHI)
     du = g[:, None] * dU
-    if PHI == 0:
-        dz = du
-        da = -du
-        dg = tl.sum(dU * u, 1)
-    elif PHI == 1:
-        dz = du * k1
-        da = -du * s1
-        dg = tl.sum(dU * u, 1)
-    else:
-        q = tl.where(mm, dU * s1, 0.0)
-        sq, sqy, sqa = tl.sum(q, 1), tl.sum(q * y, 1), tl.sum(q * a, 1)
-        dg = rsd * (c0 * sqy - sqa - c2 * sq)
-        mq, qy = sq / M, sqy / M
-        r2 = g * rsd * rsd * qy
-        r1 = c1 * r2 + g * rsd * dg / M
-        r3 = g * rsd * rsd * (c0 * mq - c2 * qy)
-        dz = du * k1 - s1 * (y * r1[:, None] - a * r2[:, None] + r3[:, None])
-        da = -(q - mq[:, None] - y * qy[:, None]) * (g * rsd)[:, None]
+    q = tl.where(mm, dU * s1, 0.0)
+    sq, sqy, sqa = tl.sum(q, 1), tl.sum(q * y, 1), tl.sum(q * a, 1)
+    dg = rsd * (c0 * sqy - sqa - c2 * sq)
+    mq, qy = sq / M, sqy / M
+    r2 = g * rsd * rsd * qy
+    r1 = c1 * r2 + g * rsd * dg / M
+    r3 = g * rsd * rsd * (c0 * mq - c2 * qy)
+    dz = du * k1 - s1 * (y * r1[:, None] - a * r2[:, None] + r3[:, None])
+    da = -(q - mq[:, None] - y * qy[:, None]) * (g * rsd)[:, None]
     return tl.where(mm, dz, 0.0), tl.where(mm, da, 0.0), dg
 
 
