@@ -1779,7 +1779,7 @@ def test_code_trajectory_reads_the_rules_memory(C):
 
 def test_stability_report_measures_what_it_names():
     """phi = identity has J = I; the exact rule has no gap to itself, the chunk-start rule has one;
-    alpha's rms and peak are those of the layer's targets."""
+    alpha's rms and peak, the forget horizon and gamma's mean are those of the layer's inputs."""
     import train_tiny
 
     torch.manual_seed(0)
@@ -1797,4 +1797,7 @@ def test_stability_report_measures_what_it_names():
         block = model.blocks[0]
         alpha = block.mixer.operator_inputs(block.norm1(model.wte(x)))[3]
         assert report[0]["alpha_peak"] == pytest.approx(alpha.abs().max().item())
+        # at init the gates are constant (W = 0): beta = beta_init, gamma = gamma_init everywhere
+        assert report[1]["horizon"] == pytest.approx(-1 / math.log(cfg.beta_init))
+        assert report[1]["gamma_mean"] == pytest.approx(cfg.gamma_init)
 

@@ -530,10 +530,12 @@ def code_trajectory(W, A, beta, gamma, S, phi, phi_eps, C):
 
 @torch.no_grad()
 def stability_report(model, x, chunks=16, seed=0):
-    """Per Trellis layer, on the batch x [B,T], in float64: alpha's rms and peak; per pass, the
-    extreme eigenvalues of J at the z that the model's rule computes (the chunk-start z unless
-    the rule is exact) and kappa, over `chunks` random chunks (median and max); and read_gap,
-    the relative difference of the layer's output o from the exact rule's on the same inputs."""
+    """Per Trellis layer, on the batch x [B,T], in float64: alpha's rms and peak; the forget
+    gate's horizon, the median over tokens and heads of 1 / -log beta (the tokens over which the
+    memory decays by e), and gamma's mean; per pass, the extreme eigenvalues of J at the z that
+    the model's rule computes (the chunk-start z unless the rule is exact) and kappa, over
+    `chunks` random chunks (median and max); and read_gap, the relative difference of the
+    layer's output o from the exact rule's on the same inputs."""
     seen = []
     hooks = [mod.register_forward_pre_hook(lambda mod, args: seen.append((mod, args[0])))
              for mod in model.modules() if isinstance(mod, trellis.TrellisMixer)]
@@ -557,6 +559,7 @@ def stability_report(model, x, chunks=16, seed=0):
         o = trellis.trellis_op(q, k, v, alpha, beta, gamma, K0, V0, sweeps=cfg.sweeps, **ops)[0]
         o_exact = trellis.trellis_op(q, k, v, alpha, beta, gamma, K0, V0, sweeps=cfg.chunk_size - 1, **ops)[0]
         row = dict(alpha_rms=alpha.pow(2).mean().sqrt().item(), alpha_peak=alpha.abs().max().item(),
+                   horizon=(-beta.log()).reciprocal().median().item(), gamma_mean=gamma.mean().item(),
                    read_gap=((o - o_exact).norm() / o_exact.norm()).item())
         A, lb, g = (t.transpose(1, 2) for t in (alpha, beta.log(), gamma))  # [B,H,T,m], [B,H,T] x 2
         C = cfg.chunk_size
@@ -595,12 +598,13 @@ def stability_batch(args, split, sequences=8):
 
 
 def print_stability(report):
-    print("layer  alpha rms / peak   pass   J eigenvalues      kappa median / max   read gap vs exact")
+    print("layer  alpha rms / peak  horizon  gamma   pass   J eigenvalues      kappa median / max   read gap vs exact")
     for i, r in enumerate(report):
         for name in ("key", "value"):
             p = r[name]
-            print(f"{i:5d}  {r['alpha_rms']:8.2f} / {r['alpha_peak']:6.2f}   {name:5s}  {p['J_min']:7.2f} .. "
-                  f"{p['J_max']:6.2f}   {p['kappa_median']:8.2f} / {p['kappa_max']:6.2f}    {r['read_gap']:.3g}")
+            print(f"{i:5d}  {r['alpha_rms']:8.2f} / {r['alpha_peak']:6.2f}  {r['horizon']:7.3g}  {r['gamma_mean']:5.3f}   "
+                  f"{name:5s}  {p['J_min']:7.2f} .. {p['J_max']:6.2f}   {p['kappa_median']:8.2f} / {p['kappa_max']:6.2f}"
+                  f"    {r['read_gap']:.3g}")
 
 
 # -----------------------------------------------------------------------------
