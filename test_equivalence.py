@@ -1075,7 +1075,8 @@ def test_train_tiny_resume_of_a_finished_run_keeps_its_summary(tmp_path):
 
 
 @pytest.mark.parametrize("flag", [["--n-layer", "2"], ["--n-embd", "64"], ["--tokenizer", "gpt2"], ["--slots", "4"],
-                                  ["--phi", "identity"], ["--mixer", "attention"], ["--no-forget-gate"]])
+                                  ["--phi", "identity"], ["--mixer", "attention"], ["--no-forget-gate"],
+                                  ["--beta-init", "0.99"]])
 def test_train_tiny_resume_refuses_conflicting_model_flags(tmp_path, capsys, flag):
     """The checkpoint's model and tokenizer are authoritative: a flag that differs is refused with
     one line naming it, exit code 2, and no file is touched."""
@@ -1347,7 +1348,7 @@ def test_train_tiny_interrupted_evaluation_is_redone(tmp_path, monkeypatch):
 BAD_CLI = [
     ["--block-size", "0"], ["--batch-size", "-1"], ["--eval-interval", "0"], ["--log-interval", "0"],
     ["--device", "gpu"], ["--n-embd", "100", "--n-head", "3"], ["--slots", "0"], ["--chunk-size", "0"],
-    ["--sweeps", "-1"], ["--gamma-max", "-1"], ["--lr", "nan"], ["--eval-iters", "0"], ["--max-iters", "ten"],
+    ["--sweeps", "-1"], ["--gamma-max", "-1"], ["--beta-init", "1"], ["--lr", "nan"], ["--eval-iters", "0"], ["--max-iters", "ten"],
     ["--mixer", "mamba"], ["--dropout", "1.5"], ["--patience", "-1"], ["--eval-contexts", "256,x"],
     ["--data", "/no/such/file.txt"], ["--data", "EMPTY"], ["--recall-pairs", "0"], ["--recall-pairs", "8,1024"],
     ["--seed", str(10**23)], ["--seed", "-1"], ["--out-dir", "A_FILE"], ["--out-dir", "UNDER_A_FILE"],
@@ -1451,8 +1452,8 @@ def test_train_tiny_stops_on_nonfinite_loss_and_keeps_checkpoint(tmp_path, monke
     """A NaN loss stops the run without writing; the message points at the untouched checkpoint."""
     real_forward, calls = tr.TrellisLM.forward, [0]
 
-    def poisoned(self, idx, targets=None, state=None):
-        logits, loss, st_ = real_forward(self, idx, targets, state)
+    def poisoned(self, idx, targets=None, state=None, at=None):
+        logits, loss, st_ = real_forward(self, idx, targets, state, at)
         if self.training and targets is not None:
             calls[0] += 1
             if calls[0] > 12:
@@ -1484,8 +1485,8 @@ def test_train_tiny_skips_nonfinite_gradients(tmp_path, monkeypatch, capsys, bad
     ten in a row stop the run with the checkpoint intact."""
     real_forward, calls = tr.TrellisLM.forward, [0]
 
-    def poisoned(self, idx, targets=None, state=None):
-        logits, loss, st_ = real_forward(self, idx, targets, state)
+    def poisoned(self, idx, targets=None, state=None, at=None):
+        logits, loss, st_ = real_forward(self, idx, targets, state, at)
         if self.training and targets is not None:
             calls[0] += 1
             if calls[0] in bad_calls:
@@ -1725,18 +1726,43 @@ def test_answer_accuracy_counts_answer_positions_only():
             super().__init__()
             self.shift, self.every = shift, every
 
-        def forward(self, idx):
+        def forward(self, idx, at=None):  # the model's interface: at picks flat positions
             logits = torch.zeros(*idx.shape, train_tiny.MQAR_VOCAB)
             target = torch.where(y >= 0, y, 0)
             wrong = torch.zeros_like(y, dtype=torch.bool)
             wrong[y >= 0] = torch.arange(int((y >= 0).sum())) % self.every == 1
             target = torch.where(wrong, (target + self.shift + 1) % train_tiny.MQAR_VOCAB, target + self.shift)
-            return logits.scatter(-1, target[..., None] % train_tiny.MQAR_VOCAB, 1.0), None, None
+            logits = logits.scatter(-1, target[..., None] % train_tiny.MQAR_VOCAB, 1.0)
+            return (logits if at is None else logits.view(-1, logits.shape[-1])[at]), None, None
 
     ctx = torch.autocast("cpu", enabled=False)
     assert train_tiny.answer_accuracy(Oracle(0), [(x, y)], ctx) == 1.0
     assert train_tiny.answer_accuracy(Oracle(1), [(x, y)], ctx) == 0.0
     assert train_tiny.answer_accuracy(Oracle(0, every=2), [(x, y)], ctx) == 0.5
+
+
+@pytest.mark.parametrize("mixer", ["trellis", "attention"])
+def test_loss_at_the_answers_equals_the_masked_loss(mixer):
+    """model(x, targets=y, at=answers_at(y)) computes the logits of the answers alone: the same
+    logits there, the same loss and the same gradients as the loss that ignores y = -1."""
+    import train_tiny
+
+    torch.manual_seed(0)
+    cfg = tr.TrellisConfig(vocab_size=train_tiny.MQAR_VOCAB, n_layer=2, n_embd=32, n_head=2, slots=8, chunk_size=8,
+                           mixer=mixer)
+    model = tr.TrellisLM(cfg).double()
+    x, y = train_tiny.mqar_batch(64, 8, 3, torch.Generator().manual_seed(2))
+    at = train_tiny.answers_at(y)
+    assert at.numel() == 3 * 8 and (y.reshape(-1)[at] >= 0).all()
+    logits, loss, _ = model(x, targets=y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    logits_at, loss_at, _ = model(x, targets=y, at=at)
+    grads_at = torch.autograd.grad(loss_at, list(model.parameters()))
+    assert logits_at.shape == (24, train_tiny.MQAR_VOCAB)
+    torch.testing.assert_close(logits_at, logits.view(-1, logits.shape[-1])[at], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(loss_at, loss, rtol=1e-12, atol=0)
+    for g, g_at in zip(grads, grads_at):
+        torch.testing.assert_close(g_at, g, rtol=1e-9, atol=1e-12)
 
 
 def test_mqar_task_trains_and_reports_accuracy(tmp_path, monkeypatch):
@@ -1747,7 +1773,7 @@ def test_mqar_task_trains_and_reports_accuracy(tmp_path, monkeypatch):
     monkeypatch.setattr(train_tiny, "MQAR_TEST", [(64, 4), (128, 16)])
     monkeypatch.setattr(train_tiny.mqar_accuracy, "__defaults__", (20, 10))
     out = _run(tmp_path, "--task", "mqar", "--max-iters", "4", "--eval-interval", "2", "--batch-size", "2",
-               "--eval-exact")
+               "--eval-exact", "--beta-init", "0.99")
     acc = out["mqar_accuracy"]
     assert set(acc) == set(out["mqar_accuracy_exact"]) == {"64/4", "128/16", "all"}
     assert acc["all"] == pytest.approx((20 * 4 * acc["64/4"] + 20 * 16 * acc["128/16"]) / (20 * 4 + 20 * 16))
@@ -1755,6 +1781,7 @@ def test_mqar_task_trains_and_reports_accuracy(tmp_path, monkeypatch):
     assert all(0 <= a <= 1 for a in acc.values()) and out["task"] == "mqar"
     assert [h["iter"] for h in out["history"]] == [0, 2, 4] and all(0 <= h["val_accuracy"] <= 1 for h in out["history"])
     assert len(out["stability"]) == 1 and math.isfinite(out["stability"][0]["key"]["kappa_max"])  # one layer
+    assert 50 < out["stability"][0]["horizon"] < 200  # beta near 0.99 after 4 steps: 1 / -log 0.99 = 99.5
 
 
 @pytest.mark.parametrize("C", [1, 3])

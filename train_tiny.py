@@ -48,8 +48,8 @@ PRESETS = {
 }
 # the flags that define the model, the tokens and the task: a checkpoint's values are authoritative on --resume
 MODEL_FLAGS = ("mixer", "n_layer", "n_embd", "n_head", "dropout", "slots", "phi", "phi_eps", "f", "chunk_size",
-               "sweeps", "no_forget_gate", "gamma_max", "alpha_norm", "tokenizer", "task", "recall_pairs",
-               "recall_queries")
+               "sweeps", "no_forget_gate", "beta_init", "gamma_max", "alpha_norm", "tokenizer", "task",
+               "recall_pairs", "recall_queries")
 # the flags of the training loop: they may change on --resume, and the run says which did
 LOOP_FLAGS = ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "lr",
               "min_lr_ratio", "warmup_iters", "weight_decay", "grad_clip", "patience", "seed", "dtype", "impl",
@@ -120,6 +120,7 @@ def build_parser():
     a("--chunk-size", type=int, help="(default: 64)")
     a("--sweeps", type=int, help="0: the paper's chunk-start rule; chunk_size - 1: exact (default: 0)")
     a("--no-forget-gate", action="store_const", const=True, help="ablation: beta = 1")
+    a("--beta-init", type=float, help="the forget gate beta at init, every token's (default: 0.95)")
     a("--gamma-max", type=float, help="inner step size bound: gamma = gamma_max * sigmoid(.) (default: 0.1)")
     a("--alpha-norm", action="store_const", const=True, help="LayerNorm each token's target alpha over the slots")
     a("--impl", choices=["auto", "kernel", "chunked", "loop"], help="operator implementation (default: auto)")
@@ -150,8 +151,8 @@ _MODEL = TrellisConfig()  # the model flags default to TrellisConfig's values
 DEFAULTS = dict(tokenizer="gpt2", log_interval=10, min_lr_ratio=0.1, weight_decay=0.1, grad_clip=1.0, seed=1337,
                 dtype="auto", mixer=_MODEL.mixer, phi=_MODEL.phi, phi_eps=_MODEL.phi_eps, f=_MODEL.f,
                 slots=_MODEL.slots, chunk_size=_MODEL.chunk_size, sweeps=_MODEL.sweeps,
-                no_forget_gate=not _MODEL.forget_gate, gamma_max=_MODEL.gamma_max, alpha_norm=_MODEL.alpha_norm,
-                impl=_MODEL.impl, task="text",
+                no_forget_gate=not _MODEL.forget_gate, beta_init=_MODEL.beta_init, gamma_max=_MODEL.gamma_max,
+                alpha_norm=_MODEL.alpha_norm, impl=_MODEL.impl, task="text",
                 recall_pairs="8,32,128,512", recall_queries=32, sample_tokens=200, prompt="ROMEO:", eval_exact=False,
                 eval_contexts=None)
 
@@ -466,6 +467,11 @@ def mqar_step_batch(args, gen):
     return to_device(*mqar_batch(T, n, args.batch_size, gen), args.device)
 
 
+def answers_at(y):
+    """The flat positions of the answers (y >= 0): the only logits a recall task's loss needs."""
+    return (y.reshape(-1) >= 0).nonzero().squeeze(1)
+
+
 def answer_hits(logits, y):
     """(correct, counted) in one batch; answer positions are those with y >= 0."""
     mask = y >= 0
@@ -478,8 +484,9 @@ def answer_counts(model, batches, ctx):
     model.eval()
     hits = total = 0
     for x, y in batches:
+        at = answers_at(y)
         with ctx:
-            h, n = answer_hits(model(x)[0], y)
+            h, n = answer_hits(model(x, at=at)[0], y.reshape(-1)[at])
         hits, total = hits + h, total + n
     model.train()
     return hits, total
@@ -616,7 +623,7 @@ def model_config(args, vocab_size):
                          mixer=args.mixer, dropout=args.dropout, slots=args.slots, phi=args.phi,
                          phi_eps=args.phi_eps, f=args.f,
                          chunk_size=args.chunk_size, sweeps=args.sweeps, impl=args.impl,
-                         forget_gate=not args.no_forget_gate, gamma_max=args.gamma_max,
+                         forget_gate=not args.no_forget_gate, beta_init=args.beta_init, gamma_max=args.gamma_max,
                          gamma_init=args.gamma_max / 2, alpha_norm=args.alpha_norm)
 
 
@@ -800,11 +807,12 @@ def estimate_loss(model, split, args, ctx):
             batches = [get_batch(data, args, gen) for _ in range(args.eval_iters)]
         losses, hits, counted = [], 0, 0
         for x, y in batches:
+            at = None if args.task == "text" else answers_at(y)
             with ctx:
-                logits, loss, _ = model(x, targets=y)
+                logits, loss, _ = model(x, targets=y, at=at)
             losses.append(loss.item())
             if args.task != "text":  # and the answers' accuracy, to see when recall stops improving
-                h, n = answer_hits(logits, y)
+                h, n = answer_hits(logits, y.reshape(-1)[at])
                 hits, counted = hits + h, counted + n
         out[name] = float(np.mean(losses))
         if counted:
@@ -1042,8 +1050,9 @@ def train(args):
                 x, y = mqar_step_batch(args, gen)
             else:
                 x, y = get_batch(split["train"], args, gen)
+            at = None if args.task == "text" else answers_at(y)
             with ctx:
-                _, loss, _ = model(x, targets=y)
+                _, loss, _ = model(x, targets=y, at=at)
             if not torch.isfinite(loss):
                 stop(f"non-finite loss {loss.item()}")
             opt.zero_grad(set_to_none=True)

@@ -870,11 +870,12 @@ class TrellisLM(nn.Module):
         n = sum(p.numel() for p in self.parameters())  # the tied head is counted once
         return n - self.wte.weight.numel() if non_embedding else n
 
-    def forward(self, idx, targets=None, state=None):
+    def forward(self, idx, targets=None, state=None, at=None):
         """idx [B,T] -> logits [B,T,V], the mean cross-entropy if targets are given, and the
         generation state. With state=None (training, evaluation) no state is kept and the third
         value is None; with state=model.initial_state() a sequence starts, and with the state a
-        call returned, that sequence continues."""
+        call returned, that sequence continues. at: flat positions (into B*T) whose logits and
+        loss alone are computed, [len(at), V] (the recall tasks' answers: the loss ignores the rest)."""
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"idx must be [B, T] integer token ids, got {tuple(idx.shape)} {idx.dtype}")
         x = self.wte(idx)  # [B,T,n]
@@ -882,10 +883,15 @@ class TrellisLM(nn.Module):
         for i, blk in enumerate(self.blocks):
             x, s = blk(x, None if state is None else state[i])
             new_state.append(s)
-        logits = self.lm_head(self.norm_f(x))  # [B,T,V]
+        x = self.norm_f(x)
+        if at is not None:
+            x = x.view(-1, x.shape[-1])[at]  # [N,n]
+            targets = None if targets is None else targets.reshape(-1)[at]  # [N]
+        logits = self.lm_head(x)  # [B,T,V] or [N,V]
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+            wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up, float64 kept
+            loss = F.cross_entropy(wide.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
         return logits, loss, new_state
 
     def initial_state(self):
