@@ -1562,7 +1562,7 @@ def test_context_losses_equal_the_ordinary_loss(tmp_path, mixer):
     model = tr.TrellisLM(train_tiny.model_config(args, 61)).eval()
     data = torch.randint(0, 61, (1000,), generator=torch.Generator().manual_seed(0)).numpy().astype("uint16")
     ctx = torch.autocast("cpu", enabled=False)
-    got = train_tiny.context_losses(model, data, [32, 100], args, ctx, tail=8, tokens_per_batch=256)
+    got = train_tiny.context_losses(model, data, [32, 100], args, ctx, tail=8, tokens_per_batch=256, rows=47)
     for T in (32, 100):
         n = (len(data) - 1) // T
         ids = torch.from_numpy(data[: n * T + 1].astype("int64"))

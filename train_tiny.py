@@ -822,10 +822,11 @@ def estimate_loss(model, split, args, ctx):
 
 
 @torch.no_grad()
-def context_losses(model, data, contexts, args, ctx, tail=256, tokens_per_batch=16384):
+def context_losses(model, data, contexts, args, ctx, tail=256, tokens_per_batch=16384, rows=4096):
     """Val loss at each context: the text cut into consecutive windows of that many tokens, each
     evaluated from an empty state; the mean over all positions and over the last `tail` positions
-    of each window (those farthest from its start)."""
+    of each window (those farthest from its start). The loss takes `rows` positions at a time:
+    float32 logits of a whole batch would be 3.3 GB with GPT-2's 50257 tokens."""
     model.eval()
     out = {}
     for T in contexts:
@@ -841,7 +842,10 @@ def context_losses(model, data, contexts, args, ctx, tail=256, tokens_per_batch=
             x, y = to_device(x_all[i:i + per_batch], y_all[i:i + per_batch], args.device)
             with ctx:
                 logits = model(x)[0]
-            nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")  # [b, T]
+            flat, y_flat = logits.flatten(0, 1), y.flatten()  # [b*T, V], [b*T]
+            nll = torch.cat([torch.nn.functional.cross_entropy(flat[j:j + rows].float(), y_flat[j:j + rows],
+                                                               reduction="none")
+                             for j in range(0, len(y_flat), rows)]).view_as(y)  # [b, T]
             total += nll.sum().item()
             total_tail += nll[:, -min(tail, T):].sum().item()
         out[T] = dict(loss=total / (n_windows * T), tail_loss=total_tail / (n_windows * min(tail, T)),
