@@ -1348,7 +1348,8 @@ def test_train_tiny_interrupted_evaluation_is_redone(tmp_path, monkeypatch):
 BAD_CLI = [
     ["--block-size", "0"], ["--batch-size", "-1"], ["--eval-interval", "0"], ["--log-interval", "0"],
     ["--device", "gpu"], ["--n-embd", "100", "--n-head", "3"], ["--slots", "0"], ["--chunk-size", "0"],
-    ["--sweeps", "-1"], ["--gamma-max", "-1"], ["--beta-init", "1"], ["--lr", "nan"], ["--eval-iters", "0"], ["--max-iters", "ten"],
+    ["--sweeps", "-1"], ["--gamma-max", "-1"], ["--beta-init", "1"], ["--lr", "nan"], ["--eval-iters", "0"],
+    ["--max-iters", "ten"],
     ["--mixer", "mamba"], ["--dropout", "1.5"], ["--patience", "-1"], ["--eval-contexts", "256,x"],
     ["--data", "/no/such/file.txt"], ["--data", "EMPTY"], ["--recall-pairs", "0"], ["--recall-pairs", "8,1024"],
     ["--seed", str(10**23)], ["--seed", "-1"], ["--out-dir", "A_FILE"], ["--out-dir", "UNDER_A_FILE"],

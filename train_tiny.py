@@ -605,13 +605,14 @@ def stability_batch(args, split, sequences=8):
 
 
 def print_stability(report):
-    print("layer  alpha rms / peak  horizon  gamma   pass   J eigenvalues      kappa median / max   read gap vs exact")
+    print("layer  alpha rms / peak  horizon  gamma   pass   J eigenvalues      kappa median / max   "
+          "read gap vs exact")
     for i, r in enumerate(report):
         for name in ("key", "value"):
             p = r[name]
-            print(f"{i:5d}  {r['alpha_rms']:8.2f} / {r['alpha_peak']:6.2f}  {r['horizon']:7.3g}  {r['gamma_mean']:5.3f}   "
-                  f"{name:5s}  {p['J_min']:7.2f} .. {p['J_max']:6.2f}   {p['kappa_median']:8.2f} / {p['kappa_max']:6.2f}"
-                  f"    {r['read_gap']:.3g}")
+            print(f"{i:5d}  {r['alpha_rms']:8.2f} / {r['alpha_peak']:6.2f}  {r['horizon']:7.3g}  "
+                  f"{r['gamma_mean']:5.3f}   {name:5s}  {p['J_min']:7.2f} .. {p['J_max']:6.2f}   "
+                  f"{p['kappa_median']:8.2f} / {p['kappa_max']:6.2f}    {r['read_gap']:.3g}")
 
 
 # -----------------------------------------------------------------------------
