@@ -1828,4 +1828,7 @@ def test_stability_report_measures_what_it_names():
         # at init the gates are constant (W = 0): beta = beta_init, gamma = gamma_init everywhere
         assert report[1]["horizon"] == pytest.approx(-1 / math.log(cfg.beta_init))
         assert report[1]["gamma_mean"] == pytest.approx(cfg.gamma_init)
+        with torch.no_grad():  # a gate that saturates at beta = 1 (fp32) never forgets: an infinite horizon
+            model.blocks[1].mixer.gate_proj.bias[:cfg.n_head] = 100.0
+        assert train_tiny.stability_report(model, x, chunks=1)[1]["horizon"] == math.inf
 

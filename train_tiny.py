@@ -566,7 +566,8 @@ def stability_report(model, x, chunks=16, seed=0):
         o = trellis.trellis_op(q, k, v, alpha, beta, gamma, K0, V0, sweeps=cfg.sweeps, **ops)[0]
         o_exact = trellis.trellis_op(q, k, v, alpha, beta, gamma, K0, V0, sweeps=cfg.chunk_size - 1, **ops)[0]
         row = dict(alpha_rms=alpha.pow(2).mean().sqrt().item(), alpha_peak=alpha.abs().max().item(),
-                   horizon=(-beta.log()).reciprocal().median().item(), gamma_mean=gamma.mean().item(),
+                   horizon=beta.log().abs().reciprocal().median().item(),  # abs: beta = 1 gives +inf, not -inf
+                   gamma_mean=gamma.mean().item(),
                    read_gap=((o - o_exact).norm() / o_exact.norm()).item())
         A, lb, g = (t.transpose(1, 2) for t in (alpha, beta.log(), gamma))  # [B,H,T,m], [B,H,T] x 2
         C = cfg.chunk_size
