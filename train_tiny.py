@@ -542,7 +542,13 @@ def stability_report(model, x, chunks=16, seed=0):
     memory decays by e), and gamma's mean; per pass, the extreme eigenvalues of J at the z that
     the model's rule computes (the chunk-start z unless the rule is exact) and kappa, over
     `chunks` random chunks (median and max); and read_gap, the relative difference of the
-    layer's output o from the exact rule's on the same inputs."""
+    layer's output o from the exact rule's on the same inputs.
+
+    kappa: linearized over a chunk, the chunk-start rule maps an error dS of the memory to
+    e^{b_c} dS - sum_j gamma_j e^{b_c - b_j} e^{b_{j-1}} J_j dS w_j w_j^T, every step reading the
+    chunk start's dS. It can overshoot (an eigenvalue below -1) once kappa = lambda_max(sum_j
+    gamma_j e^{b_c - b_j} w_j w_j^T) * max_j lambda_max(J_j) exceeds 2 (e^{b_{j-1}} <= 1 dropped);
+    the exact rule needs only gamma_j lambda_max(J_j) < 2 per token (unit w)."""
     seen = []
     hooks = [mod.register_forward_pre_hook(lambda mod, args: seen.append((mod, args[0])))
              for mod in model.modules() if isinstance(mod, trellis.TrellisMixer)]
