@@ -807,7 +807,11 @@ def test_kernel_short_conv_equals_conv1d(seed, B, T, size, groups, norm, gap):
     head's unit L2 norm) equals ShortConv's PyTorch form in float64: outputs and the gradients
     of x and of the weight, for T below and across the kernel's 64-row blocks, heads of any size
     (padded to a power of two) or channels in blocks of 64, and x a view with a row stride wider
-    than its channels (a slice of the layer's projection)."""
+    than its channels (a slice of the layer's projection).
+
+    Within 1e-5, or within twice the error of ShortConv itself in float32 on the same inputs: a
+    one-channel head's norm s / sqrt(s^2 + 1e-12) turns from -1 to 1 within |s| ~ 1e-6, so near
+    there float32's rounding of the convolution alone moves the gradients by more than 1e-5."""
     import kernel
 
     C, head = groups * size, size if norm else None
@@ -815,16 +819,22 @@ def test_kernel_short_conv_equals_conv1d(seed, B, T, size, groups, norm, gap):
     base = torch.randn(B, T, C + gap, generator=g)
     w = torch.randn(C, 1, 4, generator=g)
     cot = torch.randn(B, T, C, generator=g)
-    conv = tr.ShortConv(C).double()
-    conv.weight = torch.nn.Parameter(w.double())
-    xd = base[..., :C].double().requires_grad_(True)
-    want = conv(xd, head=head)[0]
-    gwant = torch.autograd.grad(want, (xd, conv.weight), cot.double())
+
+    def reference(dtype):  # ShortConv's y and the gradients of x and of the weight, in dtype
+        conv = tr.ShortConv(C).to(dtype)
+        conv.weight = torch.nn.Parameter(w.to(dtype))
+        x = base[..., :C].to(dtype).requires_grad_(True)
+        y = conv(x, head=head)[0]
+        return as_reference([y, *torch.autograd.grad(y, (x, conv.weight), cot.to(dtype))])
+
+    want, fp32 = reference(torch.float64), reference(torch.float32)
     xb = base.to(KERNEL_DEVICE).requires_grad_(True)
     wk = w.to(KERNEL_DEVICE).requires_grad_(True)
     got = kernel.short_conv_silu(xb[..., :C], wk[:, 0], head)
     ggot = torch.autograd.grad(got, (xb, wk), cot.to(KERNEL_DEVICE))
-    assert_all_close(as_reference([got, ggot[0][..., :C], ggot[1]]), [want] + list(gwant), 1e-5, ["y", "dx", "dw"])
+    for a, b, c, name in zip(as_reference([got, ggot[0][..., :C], ggot[1]]), want, fp32, ["y", "dx", "dw"]):
+        err, err32 = (a - b).abs().max().item(), (c - b).abs().max().item()
+        assert err <= max(1e-5 * max(1.0, b.abs().max().item()), 2 * err32), (name, err, err32)
     assert (ggot[0][..., C:] == 0).all()
 
 
@@ -1629,10 +1639,14 @@ def test_recall_batches_are_well_formed(n, q, seed):
 
 def test_recall_task_trains_and_reports_accuracy(tmp_path):
     """--task recall trains end to end and reports an accuracy per number of pairs (the default 32
-    queries capped at the pairs)."""
-    out = _run(tmp_path, "--task", "recall", "--recall-pairs", "4,8", "--max-iters", "6", "--eval-interval", "3")
+    queries capped at the pairs), and with --eval-exact the same weights' accuracies under the exact
+    recurrence and the stability report."""
+    out = _run(tmp_path, "--task", "recall", "--recall-pairs", "4,8", "--max-iters", "6", "--eval-interval", "3",
+               "--eval-exact")
     acc = out["recall_accuracy"]
-    assert set(acc) == {4, 8} and all(0 <= a <= 1 for a in acc.values())
+    assert set(acc) == set(out["recall_accuracy_exact"]) == {4, 8}
+    assert all(0 <= a <= 1 for a in list(acc.values()) + list(out["recall_accuracy_exact"].values()))
+    assert math.isfinite(out["val_loss_exact"]) and len(out["stability"]) == 1  # _train_argv: one layer
 
 
 @given(T_n=st.sampled_from([(64, 4), (128, 8), (256, 16), (256, 32), (256, 64), (64, 16), (1024, 256), (40, 10)]),

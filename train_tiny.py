@@ -134,9 +134,9 @@ def build_parser():
     a("--sample-tokens", type=int, help="tokens generated from the best weights at the end; 0: none (default: 200)")
     a("--prompt", help="(default: 'ROMEO:')")
     a("--eval-exact", action="store_const", const=True,
-      help="also report the best model's val loss (and --task mqar's accuracies) under the exact recurrence "
+      help="also report the best model's val loss (and a recall task's accuracies) under the exact recurrence "
            "(sweeps = chunk_size - 1): the same weights, read exactly; and per layer the chunk-start rule's "
-           "stability on them (alpha's size, the code Jacobian's eigenvalues, kappa)")
+           "stability on them (alpha's size, the forget gate's horizon, the code Jacobian's eigenvalues, kappa)")
     a("--eval-contexts", help="e.g. 256,1024,4096,16384: val loss of the best model at these contexts")
     a("--eval-from", metavar="CKPT", help="evaluate CKPT at --eval-contexts instead of training")
     # benchmarks instead of training
@@ -1120,6 +1120,9 @@ def train(args):
             if args.task == "mqar":
                 extra["mqar_accuracy_exact"] = accuracy = mqar_accuracy(exact, args, ctx)
                 print("MQAR accuracy, exact: " + ", ".join(f"{c}: {a:.3f}" for c, a in accuracy.items()))
+            elif args.task == "recall":
+                extra["recall_accuracy_exact"] = accuracy = recall_accuracy(exact, args, ctx)
+                print("recall accuracy by pairs, exact: " + ", ".join(f"{n}: {a:.3f}" for n, a in accuracy.items()))
             del exact
         if args.eval_exact and cfg.mixer == "trellis":  # and whether the chunk-start rule is stable on these weights
             extra["stability"] = stability_report(model, stability_batch(args, split))
