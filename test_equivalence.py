@@ -1440,6 +1440,16 @@ def test_train_tiny_stops_early_and_ends_at_its_best(tmp_path, monkeypatch, caps
     assert all(str(tmp_path / "out" / n) in last for n in ("ckpt.pt", "best.pt", "summary.json"))
 
 
+def test_train_tiny_reports_no_throughput_it_did_not_time(tmp_path, capsys):
+    """Throughput leaves out the first two steps (they compile): a run of two steps says so and
+    writes None, not 0 tok/s."""
+    out = _run(tmp_path, "--max-iters", "2", "--eval-interval", "2", "--eval-iters", "1", "--sample-tokens", "0")
+    assert out["train_tokens_per_s"] is None
+    assert "train tok/s not measured" in capsys.readouterr().out
+    again = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert again["train_tokens_per_s"] is None
+
+
 def test_train_tiny_gpt2_tokenizer_offline(tmp_path):
     """GPT-2 BPE through tiktoken's cached ranks (TIKTOKEN_CACHE_DIR), token ids cached as uint16."""
     import tiktoken

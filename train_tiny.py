@@ -1001,7 +1001,7 @@ def train(args):
                  chunk_size=cfg.chunk_size, block_size=args.block_size, task=args.task, iters=st["iter_num"],
                  best_val_loss=st["best_val_loss"], best_iter=st["best_iter"], history=st["history"],
                  wall_s=time.time() - run_start,
-                 train_tokens_per_s=st["train_tokens"] / max(st["train_time"], 1e-9),
+                 train_tokens_per_s=st["train_tokens"] / st["train_time"] if st["train_time"] else None,
                  skipped_updates=st["skipped_updates"], params=model.num_params(), device=args.device,
                  **(extra or {}))
         if "context_losses_from" in summary_kept:  # written by --eval-from: this run keeps it
@@ -1155,8 +1155,9 @@ def train(args):
         if main_thread:
             signal.signal(signal.SIGTERM, previous_sigterm)
     summary = write_summary(extra)
+    rate = summary["train_tokens_per_s"]  # None: no step after the first two, which compile, was timed
     print(f"done: best val loss {st['best_val_loss']:.4f} at iter {st['best_iter']}, {summary['wall_s']:.1f} s, "
-          f"{summary['train_tokens_per_s']:,.0f} train tok/s")
+          + (f"{rate:,.0f} train tok/s" if rate else "train tok/s not measured (timed from step 3)"))
     print(f"checkpoints: {ckpt_path} (latest, iter {st['iter_num']}), {best_path} (best); summary: {summary_path}")
     return summary
 
