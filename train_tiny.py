@@ -510,6 +510,14 @@ def mqar_accuracy(model, args, ctx, sequences=1000, batch=50):
     return out
 
 
+def task_accuracy(model, args, ctx, rule="the model's rule"):
+    """A recall task's accuracies, printed: per number of pairs (recall), or per test T/pairs and
+    all pooled (mqar)."""
+    accuracy = (mqar_accuracy if args.task == "mqar" else recall_accuracy)(model, args, ctx)
+    print(f"{args.task} accuracy ({rule}): " + ", ".join(f"{c}: {a:.3f}" for c, a in accuracy.items()))
+    return accuracy
+
+
 # -----------------------------------------------------------------------------
 # the chunk-start rule's stability, per layer (--eval-exact prints it)
 #
@@ -542,13 +550,7 @@ def stability_report(model, x, chunks=16, seed=0):
     memory decays by e), and gamma's mean; per pass, the extreme eigenvalues of J at the z that
     the model's rule computes (the chunk-start z unless the rule is exact) and kappa, over
     `chunks` random chunks (median and max); and read_gap, the relative difference of the
-    layer's output o from the exact rule's on the same inputs.
-
-    kappa: linearized over a chunk, the chunk-start rule maps an error dS of the memory to
-    e^{b_c} dS - sum_j gamma_j e^{b_c - b_j} e^{b_{j-1}} J_j dS w_j w_j^T, every step reading the
-    chunk start's dS. It can overshoot (an eigenvalue below -1) once kappa = lambda_max(sum_j
-    gamma_j e^{b_c - b_j} w_j w_j^T) * max_j lambda_max(J_j) exceeds 2 (e^{b_{j-1}} <= 1 dropped);
-    the exact rule needs only gamma_j lambda_max(J_j) < 2 per token (unit w)."""
+    layer's output o from the exact rule's on the same inputs. kappa as the comment above defines it."""
     seen = []
     hooks = [mod.register_forward_pre_hook(lambda mod, args: seen.append((mod, args[0])))
              for mod in model.modules() if isinstance(mod, trellis.TrellisMixer)]
@@ -1117,23 +1119,14 @@ def train(args):
             exact.load_state_dict(model.state_dict())
             extra["val_loss_exact"] = estimate_loss(exact, {"val": split["val"]}, args, ctx)["val"]
             print(f"val loss of the best model under the exact recurrence: {extra['val_loss_exact']:.4f}")
-            if args.task == "mqar":
-                extra["mqar_accuracy_exact"] = accuracy = mqar_accuracy(exact, args, ctx)
-                print("MQAR accuracy, exact: " + ", ".join(f"{c}: {a:.3f}" for c, a in accuracy.items()))
-            elif args.task == "recall":
-                extra["recall_accuracy_exact"] = accuracy = recall_accuracy(exact, args, ctx)
-                print("recall accuracy by pairs, exact: " + ", ".join(f"{n}: {a:.3f}" for n, a in accuracy.items()))
+            if args.task != "text":
+                extra[f"{args.task}_accuracy_exact"] = task_accuracy(exact, args, ctx, "exact")
             del exact
         if args.eval_exact and cfg.mixer == "trellis":  # and whether the chunk-start rule is stable on these weights
             extra["stability"] = stability_report(model, stability_batch(args, split))
             print_stability(extra["stability"])
-        if args.task == "recall":
-            extra["recall_accuracy"] = recall_accuracy(model, args, ctx)
-            accuracy = extra["recall_accuracy"]
-            print("recall accuracy by pairs: " + ", ".join(f"{n}: {a:.3f}" for n, a in accuracy.items()))
-        elif args.task == "mqar":
-            extra["mqar_accuracy"] = accuracy = mqar_accuracy(model, args, ctx)
-            print("MQAR accuracy by T/pairs: " + ", ".join(f"{c}: {a:.3f}" for c, a in accuracy.items()))
+        if args.task != "text":
+            extra[f"{args.task}_accuracy"] = task_accuracy(model, args, ctx)
         else:
             if args.eval_contexts is not None:
                 extra["context_losses"] = context_losses(model, split["val"], args.eval_contexts_list, args, ctx)
