@@ -1,37 +1,27 @@
 """Triton kernels for the chunked two-pass Trellis operator, forward and backward.
 
-Same arguments and result as trellis.trellis_op(..., impl="chunked") with sweeps = 0 (the
-paper's chunk-start rule) or sweeps >= C - 1 (the exact recurrence, solved inside each chunk by
-sweeps that stop once they settle to the dots' rounding); trellis_op(impl="kernel" or "auto") calls
-trellis_op_triton.
+trellis.py's chunked form, tiled: the same arguments and result as trellis.trellis_op(...,
+impl="chunked") with sweeps = 0 (the paper's chunk-start rule) or sweeps >= C - 1 (the exact
+recurrence, solved inside each chunk by sweeps that stop once they settle to the dots' rounding);
+trellis_op(impl="kernel" or "auto") calls trellis_op_triton. Only the memory recurrence is
+sequential (Ubar = gamma code(W S^T, A) needs the memory); every read is computed for all chunks in
+parallel from the stored chunk-start memories. Each kernel's docstring names the equations of
+trellis.py's section 3b it computes (F1-F5 forward, B1-B6 backward):
 
-The error code makes the memory recurrence nonlinear (Ubar = gamma code(W S^T, A) needs the
-memory), so the only sequential work is that recurrence; every read is computed for all
-chunks in parallel from the stored chunk-start memories. The equations are trellis.py's,
-section 3b (F1-F5 forward, B1-B6 backward); each kernel's docstring names those it computes:
+    forward   _state_fwd_kernel    grid (B*H, 2 passes), chunks in order: F1, F2, F5
+              _read_fwd_kernel     grid (chunks, B*H): both reads, F4
+    backward  _read_bwd_kernel     grid (chunks, B*H): both reads' gradients, B1
+              _code_prep_kernel    grid (chunks, B*H, 2 passes), long sequences: B3's terms free of dS
+              _state_bwd_kernel    grid (B*H, 2 passes), chunks in reverse carrying dS: B2-B4, B6
+              _state_grads_kernel  grid (chunks, B*H, 2 passes): dW and d log beta, B4, B5
+In long sequences the backward takes the chunks in runs, last run first, so that _state_bwd_kernel
+walks one run while the read and prep kernels work on the next.
 
-    forward   _state_fwd_kernel   grid (B*H, 2 passes), chunks in order:
-                                  Z = W S^T, U = gamma code(Z, A), S <- e^{b_c} S - (U . to_end)^T W
-              _read_fwd_kernel    grid (chunks, B*H):
-                                  Yhat = e^b q K^T - ((q k^T) . Gam) Uk,  R = f(Yhat),
-                                  O = e^b R V - ((R Uv^T) . Gam) v
-    backward  _read_bwd_value_kernel, _read_bwd_key_kernel   grid (chunks, B*H): the reads' gradients
-              _code_prep_kernel   grid (chunks, B*H, 2 passes), in long sequences: the code's terms
-                                  that do not need dS (_code_lin; the exact rule's at its solution,
-                                  and its L), every chunk of a run in parallel
-              _state_bwd_kernel   grid (B*H, 2 passes), chunks in reverse carrying dS = dLoss/dS:
-                                  through the codes (including z's dependence on S) and the updates;
-                                  stores dZ and dS at each chunk's start. In long sequences the backward
-                                  takes the chunks in runs, last run first, so that this kernel
-                                  walks one run while the read and prep kernels work on the next
-              _state_grads_kernel grid (chunks, B*H, 2 passes): from those, dW and d log beta of
-                                  the state updates, every chunk in parallel
-
-Performance only, skippable on a first reading (each bought at least 5% at some T in a
-same-run A/B, NOTES.md section 3.2): _exp and _sigmoid (PTX), _code_vjp_u, _dot16 / _dot_split
-(bf16 tiles into the tensor cores as they are), EVEN (sizes compiled in), the backward's runs of chunks
-(_code_prep_kernel, _store_terms / _load_terms, _runs, _side_stream, default_runs, PREP), and
-the short convolution's own kernels (short_conv_silu).
+Performance only, skippable on a first reading (each bought at least 5% at some T in a same-run
+A/B, NOTES.md section 3.2): _exp and _sigmoid (PTX), _code_vjp_u, _dot16 / _dot_split (bf16 tiles
+into the tensor cores as they are), EVEN (sizes compiled in), the backward's runs of chunks
+(_code_prep_kernel, _store_terms / _load_terms, _runs, _side_stream, default_runs, PREP), and the
+layer's short convolution in one pass each way (short_conv_silu, the last section before the check).
 
 Legend: kernel names -> trellis.py's symbols (one head, one chunk of C rows)
   pointers (global tensors)
@@ -41,11 +31,9 @@ Legend: kernel names -> trellis.py's symbols (one head, one chunk of C rows)
     SK, SV               each chunk's start memory  [B, H, NC, m, d] (stored by the forward)
     UK, UV               U = Ubar of each pass      [B, T, H, m]
     YK                   yhat, the key pass's read  [B, T, H, m]
-    PT, PR               the code's terms of a run  [2 passes, B*H, chunks, 4, C, m | C] (runs)
-    PL                   the exact rule's L of a run [2 passes, B*H, chunks, C, C] (runs)
-    d<name>              the gradient of the loss w.r.t. <name>; dSK, dSV: the reads' share per chunk,
-                         then (_state_bwd_kernel, chunks 1 ..) the gradient w.r.t. the chunk's start state;
-                         dUK, dUV: the reads' dŪ, then dZ
+    PT, PR, PL           a run's code terms (tiles, rows) and the exact rule's L (the backward in runs)
+    d<name>              dLoss/d<name>; dSK, dSV: the reads' share per chunk, then (_state_bwd_kernel)
+                         dLoss/d(the chunk's start state); dUK, dUV: the reads' dŪ, then dZ
   tiles (registers)
     W, w                 the pass's write pointer (k or v) and its rows, [C, d]
     a, g, lb             the chunk's alpha [C, m], gamma [C], log beta [C]
@@ -62,9 +50,6 @@ Legend: kernel names -> trellis.py's symbols (one head, one chunk of C rows)
     C0, NCS              a run of chunks: its first chunk and its length (the backward in runs)
     PREP                 the walk reads _code_prep_kernel's terms
     EVEN                 d_k = d_v and m equal their power-of-two blocks: sizes compiled in
-
-The layer's short convolution (causal depthwise conv + SiLU, and each head's unit norm for q and
-k) has a pass each way of its own, in the section before the check: short_conv_silu.
 
     python kernel.py                  # GPU: check against the PyTorch forms, then the benchmark table
     python kernel.py --skip-check --against OTHER_KERNEL.py   # GPU: a same-run A/B of two kernel.py
@@ -305,8 +290,9 @@ def _dot(a, b, PREC: tl.constexpr):
 
 @triton.jit
 def _chunk_rows(ci, pid, T, H, C: tl.constexpr):
-    """Chunk ci of (batch, head) pid: bi, h, the batch and time strides of a [B,T,H] tensor,
-    the offset gb of (bi, h) in it, the chunk's row offsets, its times and their mask."""
+    """Chunk ci of (batch, head) pid: bi, h, the batch and time strides s_b, s_t of a contiguous
+    [B,T,H] tensor (of [B,T,H,*]: row (b, t, h) starts at (b s_b + t s_t + h) * width), the offset
+    gb of (bi, h) in it, the chunk's row offsets, its times t and their mask."""
     bi, h = pid // H, pid % H
     oc = tl.arange(0, C)
     t = ci * C + oc
@@ -337,20 +323,17 @@ def _chunk_decays(lb, offs_c, C: tl.constexpr):
 #   Z = Z0 - L Ū(Z),   Z0 = diag(e^{b_prev}) W Sᵀ,   L = (W Wᵀ) ⊙ Γ',  Γ'_ij = exp(b_{i-1} - b_j) (j < i)
 # (trellis.py, section 3), reached by sweeps that are matrix products. L is strictly lower
 # triangular, so sweep n leaves rows 1..n+1 exact (rows counted from 1, as in trellis.py) and
-# C - 1 sweeps solve the system. The error shrinks geometrically long before that, so the loop
-# stops once a sweep moves no entry by more
-# than a tolerance times the largest one: 8 fp32 ulps (2^-21) with IEEE dots, and 2^-11 with
-# TF32 dots: one rounding of a TF32 operand (10 stored mantissa bits), the resolution of the
-# sweeps' own products. (Compiled for the GPU, the sweeps settle on a change of about one ulp that
-# never reaches zero, so a stop at exact stationarity would always run all C - 1 sweeps: NOTES.md,
-# section 2.) The backward solves the adjoint system (upper triangular) the same way, sweeping
-# dZ alone with the code's terms at the forward's solution.
+# C - 1 sweeps solve the system; the error shrinks geometrically long before that, so the loop
+# stops once a sweep moves no entry by more than a tolerance times the largest one (_moving).
+# Compiled for the GPU, the sweeps settle on a change of about one ulp that never reaches zero
+# (NOTES.md, section 2). The backward solves the adjoint system (upper triangular) the same way.
 
 
 @triton.jit
 def _moving(new, old, PREC: tl.constexpr):
     """Whether a sweep moved some entry by more than the tolerance times the largest |entry|:
-    2^-21 (8 fp32 ulps) for IEEE dots, 2^-11 (a TF32 rounding) for TF32 ones."""
+    2^-21 (8 fp32 ulps) for IEEE dots, 2^-11 for TF32 ones (one rounding of a TF32 operand, 10
+    stored mantissa bits: the resolution of the sweeps' own products)."""
     if PREC == "ieee":
         tol = 4.76837158203125e-07
     else:
@@ -425,10 +408,8 @@ def _state_fwd_kernel(k, v, al, LB, GM, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC
         W, S0, SS, UU, ST, D = k, K0, SK, UK, KT, DK
     else:  # value pass: write vectors v, memory V
         W, S0, SS, UU, ST, D = v, V0, SV, UV, VT, DV
-    bi, h = pid // H, pid % H
-    s_b, s_t = T * H, H  # contiguous [B,T,H,*]: row (b, t, h) starts at (b T H + t H + h) * width
-    gb = bi * s_b + h  # gates [B,T,H]: (b, t, h) at gb + t * s_t
-    oc, od, om = tl.arange(0, C), tl.arange(0, BD), tl.arange(0, BM)
+    bi, h, s_b, s_t, gb, oc, _, _ = _chunk_rows(0, pid, T, H, C)  # each chunk's times: in the loop
+    od, om = tl.arange(0, BD), tl.arange(0, BM)
     mm = (om < M)[None, :]
     smask = (om[:, None] < M) & (od[None, :] < D)
     loc = om[:, None] * D + od[None, :]  # [BM, BD] offsets inside one m x d state
@@ -489,84 +470,61 @@ def _read_fwd_kernel(q, k, v, LB, SK, SV, UK, UV, o, YK, T, H, NC,
 
 
 # -----------------------------------------------------------------------------
-# backward: the read kernels differentiate every chunk's reads in parallel (B1); _state_bwd_kernel
+# backward: _read_bwd_kernel differentiates every chunk's reads in parallel (B1); _state_bwd_kernel
 # walks the chunks in reverse carrying dS (B2-B4, B6: the only sequential part);
 # _state_grads_kernel finishes dW and d log beta every chunk in parallel (B4, B5)
 
 
 @triton.jit
-def _read_bwd_value_kernel(v, LB, SV, UV, YK, do, dv, dUV, dSV, dYK, dlb, T, H, NC, C0,
-                           DV, M, BDV: tl.constexpr, BM: tl.constexpr,
-                           C: tl.constexpr, F: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
-                           EVEN: tl.constexpr):
-    """B1 (read with r). Grid (chunks of a run, B*H), chunk C0 + program_id(0). The value pass's read
-    O = e^b R V - ((R Uvᵀ) ⊙ Γ) v with R = f(Yhat):
-    the read parts of dv, dUv, d log beta, dS_read per chunk, and dYhat for the key pass."""
+def _read_bwd_kernel(q, k, v, LB, SK, SV, UK, UV, YK, do, dq, dk, dv, dUK, dUV, dSK, dSV, dlb, T, H, NC, C0,
+                     DK, DV, M, BDK: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, C: tl.constexpr,
+                     F: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr, EVEN: tl.constexpr):
+    """B1. Grid (chunks of a run, B*H), chunk C0 + program_id(0). Differentiates _read_fwd_kernel's
+    two reads in reverse order: O = e^b R V - ((R Uvᵀ) ⊙ Γ) v with R = f(Yhat), then
+    Yhat = e^b q Kᵀ - ((q kᵀ) ⊙ Γ) Uk. Stores dq (final), the reads' shares of dk, dv, dUk, dUv,
+    and of d log beta, and each chunk's dS_read."""
     if EVEN:
-        DV, M = BDV, BM
+        DK, DV, M = BDK, BDV, BM
     ci, pid = C0 + tl.program_id(0), tl.program_id(1)
     bi, h, s_b, s_t, gb, oc, t, tm = _chunk_rows(ci, pid, T, H, C)
-    odv, om = tl.arange(0, BDV), tl.arange(0, BM)
+    odk, odv, om = tl.arange(0, BDK), tl.arange(0, BDV), tl.arange(0, BM)
     mm = (om < M)[None, :]
+    row_k, row_v, row_m = bi * s_b * DK + h * DK, bi * s_b * DV + h * DV, bi * s_b * M + h * M
+    rows_m, mrow = row_m + t[:, None] * s_t * M + om[None, :], tm[:, None] & mm
+    b, Gam, eb, b_c, to_end = _chunk_decays(tl.load(LB + gb + t * s_t, mask=tm, other=0.0), oc, C)
+    # the read with r: O = e^b R V - ((R Uvᵀ) ⊙ Γ) v
     Vs, loc_v, vmask = _load_state(SV, pid * NC + ci, om, odv, M, DV)
-    row_v, row_m = bi * s_b * DV + h * DV, bi * s_b * M + h * M
     vv = _load_rows(v + row_v, t, tm, odv, DV, s_t * DV)
     Uv = _load_rows(UV + row_m, t, tm, om, M, s_t * M)
     Yk = _load_rows(YK + row_m, t, tm, om, M, s_t * M)
     dO = _load_rows(do + row_v, t, tm, odv, DV, s_t * DV)
-    b, Gam, eb, b_c, to_end = _chunk_decays(tl.load(LB + gb + t * s_t, mask=tm, other=0.0), oc, C)
     R = _f_fwd(Yk, mm, M, F, EPS)
     Pv = _dot(R, tl.trans(Uv), PREC)
     dPv = -_dot(dO, tl.trans(vv), PREC) * Gam  # dL/d(R Uvᵀ)
     dOV = _dot(dO, tl.trans(Vs), PREC)
-    dR = eb[:, None] * dOV + _dot(dPv, Uv, PREC)
     G = dPv * Pv  # dΓ ⊙ Γ
     db = tl.sum(R * dOV, 1) * eb + tl.sum(G, 1) - tl.sum(G, 0)  # R * dOV: rows of dO ⊙ (R V), summed
-    rows_m = row_m + t[:, None] * s_t * M + om[None, :]
-    mrow = tm[:, None] & mm
-    tl.store(dYK + rows_m, _f_bwd(Yk, dR, mm, M, F, EPS), mask=mrow)
     tl.store(dUV + rows_m, _dot(tl.trans(dPv), R, PREC), mask=mrow)
     tl.store(dv + row_v + t[:, None] * s_t * DV + odv[None, :],
              -_dot(tl.trans(Pv * Gam), dO, PREC), mask=tm[:, None] & (odv[None, :] < DV))
     tl.store(dSV + loc_v, _dot(tl.trans(R * eb[:, None]), dO, PREC), mask=vmask)
-    tl.store(dlb + gb + t * s_t, tl.sum(db, 0) - tl.cumsum(db, 0) + db, mask=tm)  # d log beta_j = sum_{i>=j} db_i
-
-
-@triton.jit
-def _read_bwd_key_kernel(q, k, LB, SK, UK, dYK, dq, dk, dUK, dSK, dlb, T, H, NC, C0,
-                         DK, M, BDK: tl.constexpr, BM: tl.constexpr,
-                         C: tl.constexpr, PREC: tl.constexpr, EVEN: tl.constexpr):
-    """B1 (read with q). Grid (chunks of a run, B*H), chunk C0 + program_id(0). The key pass's read
-    Yhat = e^b q Kᵀ - ((q kᵀ) ⊙ Γ) Uk: dq (final), the
-    read parts of dk, dUk, dS_read per chunk, and its share of d log beta (added)."""
-    if EVEN:
-        DK, M = BDK, BM
-    ci, pid = C0 + tl.program_id(0), tl.program_id(1)
-    bi, h, s_b, s_t, gb, oc, t, tm = _chunk_rows(ci, pid, T, H, C)
-    odk, om = tl.arange(0, BDK), tl.arange(0, BM)
-    mm = (om < M)[None, :]
+    dYk = _f_bwd(Yk, eb[:, None] * dOV + _dot(dPv, Uv, PREC), mm, M, F, EPS)  # through r = f(yhat)
+    # the read with q: Yhat = e^b q Kᵀ - ((q kᵀ) ⊙ Γ) Uk
     Ks, loc_k, kmask = _load_state(SK, pid * NC + ci, om, odk, M, DK)
-    row_k, row_m = bi * s_b * DK + h * DK, bi * s_b * M + h * M
     qq = _load_rows(q + row_k, t, tm, odk, DK, s_t * DK)
     kk = _load_rows(k + row_k, t, tm, odk, DK, s_t * DK)
     Uk = _load_rows(UK + row_m, t, tm, om, M, s_t * M)
-    dYk = _load_rows(dYK + row_m, t, tm, om, M, s_t * M)
-    b, Gam, eb, b_c, to_end = _chunk_decays(tl.load(LB + gb + t * s_t, mask=tm, other=0.0), oc, C)
     Pk = _dot(qq, tl.trans(kk), PREC)
     dPk = -_dot(dYk, tl.trans(Uk), PREC) * Gam  # dL/d(q kᵀ)
-    G = dPk * Pk
     dYKs = _dot(dYk, Ks, PREC)
-    db = tl.sum(qq.to(tl.float32) * dYKs, 1) * eb + tl.sum(G, 1) - tl.sum(G, 0)  # rows of dYk ⊙ (q Kᵀ), summed
-    dqq = eb[:, None] * dYKs + _dot(dPk, kk, PREC)
-    tl.store(dq + row_k + t[:, None] * s_t * DK + odk[None, :], dqq.to(dq.dtype.element_ty),
-             mask=tm[:, None] & (odk[None, :] < DK))
-    tl.store(dk + row_k + t[:, None] * s_t * DK + odk[None, :], _dot(tl.trans(dPk), qq, PREC),
-             mask=tm[:, None] & (odk[None, :] < DK))
-    tl.store(dUK + row_m + t[:, None] * s_t * M + om[None, :],
-             -_dot(tl.trans(Pk * Gam), dYk, PREC), mask=tm[:, None] & mm)
+    G = dPk * Pk
+    db += tl.sum(qq.to(tl.float32) * dYKs, 1) * eb + tl.sum(G, 1) - tl.sum(G, 0)  # rows of dYk ⊙ (q Kᵀ), summed
+    rows_k, kmask_t = row_k + t[:, None] * s_t * DK + odk[None, :], tm[:, None] & (odk[None, :] < DK)
+    tl.store(dq + rows_k, (eb[:, None] * dYKs + _dot(dPk, kk, PREC)).to(dq.dtype.element_ty), mask=kmask_t)
+    tl.store(dk + rows_k, _dot(tl.trans(dPk), qq, PREC), mask=kmask_t)
+    tl.store(dUK + rows_m, -_dot(tl.trans(Pk * Gam), dYk, PREC), mask=mrow)
     tl.store(dSK + loc_k, _dot(tl.trans(dYk * eb[:, None]), qq, PREC), mask=kmask)
-    dlbb = tl.sum(db, 0) - tl.cumsum(db, 0) + db
-    tl.store(dlb + gb + t * s_t, tl.load(dlb + gb + t * s_t, mask=tm, other=0.0) + dlbb, mask=tm)
+    tl.store(dlb + gb + t * s_t, tl.sum(db, 0) - tl.cumsum(db, 0) + db, mask=tm)  # d log beta_j = sum_{i>=j} db_i
 
 
 @triton.jit
@@ -672,10 +630,8 @@ def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, PT, PR, PL, UK, UV, dUK, dUV, dS
         W, SS, UU, dUU, dSR, dST, dal, dgm, dS0, D = k, SK, UK, dUK, dSK, dKT, dalK, dgmK, dK0, DK
     else:
         W, SS, UU, dUU, dSR, dST, dal, dgm, dS0, D = v, SV, UV, dUV, dSV, dVT, dalV, dgmV, dV0, DV
-    bi, h = pid // H, pid % H
-    s_b, s_t = T * H, H
-    gb = bi * s_b + h
-    oc, od, om = tl.arange(0, C), tl.arange(0, BD), tl.arange(0, BM)
+    bi, h, s_b, s_t, gb, oc, _, _ = _chunk_rows(0, pid, T, H, C)  # each chunk's times: in the loop
+    od, om = tl.arange(0, BD), tl.arange(0, BM)
     mm = (om < M)[None, :]
     smask = (om[:, None] < M) & (od[None, :] < D)
     loc = om[:, None] * D + od[None, :]
@@ -791,13 +747,10 @@ def _block(n):
 
 
 def _launch_config(DK, DV, M, C, phi, f, phi_eps, f_eps, exact, prec, num_warps):
-    """Keyword arguments of the launches of the sequential (state) kernels, the parallel read
-    kernels, _state_grads_kernel and _code_prep_kernel. (warps, pipeline stages): the sequential
-    kernels prefetch the next chunk, unless an [m, d] memory tile holds over 8192 entries
-    (m = d = 128, or m = 256): the backward's prefetched fp32 tiles would then take 280-304 KB of
-    shared memory; the parallel ones have no loop to pipeline (kernel_shared_memory in
-    test_equivalence.py reports each kernel's bytes). The sequential and prep kernels evaluate
-    phi's code, the read kernels f: each has its own eps."""
+    """Launch keywords of the sequential (state) kernels, the read kernels, _state_grads_kernel and
+    _code_prep_kernel. The sequential kernels prefetch the next chunk (2 stages) unless an [m, d]
+    memory tile holds over 8192 entries, whose prefetched fp32 tiles would take 280-304 KB of
+    shared memory (test_equivalence.py's kernel_shared_memory); the others have no loop to pipeline."""
     even = DK == DV == _block(DK) and M == _block(M)  # no padding: sizes known when compiling
     dims = dict(DK=DK, DV=DV, M=M, BM=_block(M), C=C, PREC=prec, EVEN=even)
     BD = max(_block(DK), _block(DV))
@@ -807,11 +760,6 @@ def _launch_config(DK, DV, M, C, phi, f, phi_eps, f_eps, exact, prec, num_warps)
     grads = dict(dims, BD=seq["BD"], EXACT=exact, num_warps=num_warps[1], num_stages=1)
     prep = dict(dims, BD=BD, PHI=_PHI_ID[phi], EPS=phi_eps, EXACT=exact, num_warps=num_warps[1], num_stages=1)
     return seq, par, grads, prep
-
-
-def _taken(fn, launch):
-    """The launch keywords (from _launch_config) that kernel fn takes, with its warps and stages."""
-    return {x: launch[x] for x in launch if x in fn.arg_names or x in ("num_warps", "num_stages")}
 
 
 def _runs(NC, n):
@@ -873,12 +821,11 @@ class TrellisChunkFn(torch.autograd.Function):
         do = do.contiguous()
         dKT = torch.zeros(B, H, M, DK, **f32) if dKT is None else dKT.float().contiguous()
         dVT = torch.zeros(B, H, M, DV, **f32) if dVT is None else dVT.float().contiguous()
-        dq = torch.empty_like(q)  # final after _read_bwd_key_kernel; dk, dv: the reads' shares, fp32
+        dq = torch.empty_like(q)  # final after _read_bwd_kernel; dk, dv: the reads' shares, fp32
         dk, dv = torch.empty(k.shape, **f32), torch.empty(v.shape, **f32)
         dUK, dUV = torch.empty(alpha.shape, **f32), torch.empty(alpha.shape, **f32)
         dSK, dSV = torch.empty_like(SK), torch.empty_like(SV)  # per chunk, the reads' dL/dS
         dlb_read = torch.empty_like(log_beta)
-        dYK = torch.empty(alpha.shape, **f32)
         dalK, dalV = torch.empty(alpha.shape, **f32), torch.empty(alpha.shape, **f32)
         dlbK, dlbV, dgmK, dgmV = (torch.empty_like(log_beta) for _ in range(4))
         spans = ctx.spans
@@ -896,10 +843,8 @@ class TrellisChunkFn(torch.autograd.Function):
         walked = {}
         for r in reversed(range(len(spans))):
             c0, n = spans[r]
-            _read_bwd_value_kernel[(n, B * H)](v, log_beta, SV, UV, YK, do, dv, dUV, dSV, dYK, dlb_read, T, H, NC, c0,
-                                               **_taken(_read_bwd_value_kernel, ctx.par))
-            _read_bwd_key_kernel[(n, B * H)](q, k, log_beta, SK, UK, dYK, dq, dk, dUK, dSK, dlb_read, T, H, NC, c0,
-                                             **_taken(_read_bwd_key_kernel, ctx.par))
+            _read_bwd_kernel[(n, B * H)](q, k, v, log_beta, SK, SV, UK, UV, YK, do, dq, dk, dv, dUK, dUV, dSK, dSV,
+                                         dlb_read, T, H, NC, c0, **ctx.par)
             if ctx.prepped:
                 if r + 2 in walked:
                     main.wait_event(walked[r + 2])
@@ -919,7 +864,7 @@ class TrellisChunkFn(torch.autograd.Function):
             main.wait_stream(side)
         # dUK, dUV now hold dZ and dSK, dSV (chunks 1 ..) the dS at each chunk's start. The final
         # gradients take the place of the buffers only the walks needed (peak memory)
-        del PT, PR, PL, dYK
+        del PT, PR, PL
         dkf, dvf = (dk, dv) if k.dtype == torch.float32 else (torch.empty_like(k), torch.empty_like(v))
         dal, dgm = torch.empty_like(alpha), torch.empty_like(gamma)
         _state_grads_kernel[(NC, B * H, 2)](k, v, log_beta, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT, dVT, dk, dv,
@@ -937,13 +882,11 @@ def default_warps(m):
 
 
 def default_runs(programs=None, sms=None, exact=False):
-    """Runs of chunks in the backward (TrellisChunkFn): when the sequential kernels' `programs`
-    (B*H*2) leave at least half of the GPU's `sms` multiprocessors to the read kernels, as in long
-    sequences, 4, and 8 for the exact rule (the two runs' worth of _code_prep_kernel's terms and L
-    it holds are then a quarter of all chunks'; its walks are long enough that the host's launches
-    do not set the pace); else 1. Each run costs the host four launches: at T = 16384 the
-    chunk-start rule's fwd+bwd held at 3.3 ms in 4 runs, scattered over 3.5-5.0 ms in 8 and
-    doubled in 16 (NOTES.md, section 4)."""
+    """Runs of chunks in the backward (TrellisChunkFn): 1, unless the sequential kernels' `programs`
+    (B*H*2) leave at least half of the GPU's `sms` multiprocessors to the read kernels (long
+    sequences): then 4, and 8 for the exact rule, whose walks are long enough that the host's
+    launches do not set the pace and whose two runs' worth of terms and L are then a quarter of
+    all chunks' (more runs, chunk-start rule: NOTES.md, section 4)."""
     if programs is not None and sms is not None and 2 * programs <= sms:
         return 8 if exact else 4
     return 1
@@ -1094,13 +1037,15 @@ def _short_conv_bwd_kernel(x, w, dy, dx, dwp, T, CH, G, s_b, s_t, W: tl.constexp
 
 
 class ShortConvFn(torch.autograd.Function):
-    """(x [B,T,CH], channels contiguous; weight [CH, W]; head) -> silu(causal depthwise conv)
-    [B,T,CH], each group of `head` channels at unit L2 norm unless head is None."""
+    """(x [B,T,CH], weight [CH, W], head) -> silu(causal depthwise conv1d(x, weight)) over time,
+    [B,T,CH] in x's dtype, each group of `head` channels (a head of q or k) scaled to unit L2 norm
+    unless head is None. x may have any strides with its channels contiguous."""
 
     BT = 64
 
     @staticmethod
     def forward(ctx, x, weight, head):
+        x = x if x.stride(-1) == 1 else x.contiguous()
         B, T, CH = x.shape
         w = weight.float().contiguous()
         G = head or 64
@@ -1123,13 +1068,7 @@ class ShortConvFn(torch.autograd.Function):
         return dx, dwp.sum(0).to(ctx.weight_dtype), None
 
 
-def short_conv_silu(x, weight, head=None):
-    """silu(causal depthwise conv1d(x, weight)) over time, each group of `head` channels (a head
-    of q or k) scaled to unit L2 norm unless head is None: x [B,T,CH] (any strides with the
-    channels contiguous), weight [CH, W]; the result is [B,T,CH] in x's dtype."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    return ShortConvFn.apply(x, weight, head)
+short_conv_silu = ShortConvFn.apply  # (x, weight, head)
 
 
 # -----------------------------------------------------------------------------
