@@ -56,8 +56,10 @@ Legend: kernel names -> trellis.py's symbols (one head, one chunk of C rows)
 """
 
 import argparse
+import concurrent.futures
 import contextlib
 import math
+import multiprocessing
 import os
 
 import torch
@@ -370,12 +372,10 @@ def _exact_codes_fwd(Z0, L, a, g, mm, M, PHI: tl.constexpr, EPS: tl.constexpr, C
 @triton.jit
 def _exact_codes_bwd(L, a, g, dU, u, k1, s1, y, rsd, c0, c1, c2, mm, M, PHI: tl.constexpr, C: tl.constexpr,
                      PREC: tl.constexpr):
-    """B6: the adjoint of _exact_codes_fwd at its solution, from the code's terms there (_code_lin;
-    u only for identity and SiLU). dU: dLoss/dŪ from everything but z (the reads, the chunk end).
-    Solves dŪ = dU - Lᵀ dZ, dZ = J_code(z)ᵀ (γ dŪ) by sweeps of dZ alone from dZ = 0 (Lᵀ is
-    strictly upper triangular; the first sweep gives the chunk-start rule's dZ, and every tile
-    stays in the sweeps' layout, held once), then dα and dγ once, at the solution. Returns dZ,
-    dα, dγ."""
+    """B6: the adjoint of _exact_codes_fwd at its solution, from the code's terms there (_code_lin).
+    dU: dLoss/dŪ from everything but z (the reads, the chunk end). Solves dŪ = dU - Lᵀ dZ,
+    dZ = J_code(z)ᵀ (γ dŪ) by sweeps of dZ alone from dZ = 0 (the first gives the chunk-start
+    rule's dZ), then returns dZ, dα and dγ, the last two taken once at the solution."""
     dZ = tl.zeros_like(dU)
     n = 0
     moving = True
@@ -681,11 +681,10 @@ def _state_grads_kernel(k, v, LB, SK, SV, UK, UV, dZK, dZV, dSK, dSV, dKT, dVT, 
                         BD: tl.constexpr, BM: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
                         EXACT: tl.constexpr, EVEN: tl.constexpr):
     """B2's dW and db, B4's dW, B5. Grid (NC, B*H, 2 passes), every chunk in parallel once
-    _state_bwd_kernel has stored its dZ
-    and the dS at its end: the state updates' share of dW, dZ S - (U ⊙ to_end) dS, added to the
-    reads' share (dk, dv) and stored in the inputs' dtype (dkf, dvf); and d log beta (through
-    e^{b_c}, to_end and, EXACT, through Z = diag(e^{b_{i-1}}) W Sᵀ - L U with L = (W Wᵀ) ⊙ Γ').
-    Also the sums of the two passes' dα (key-pass programs, stored in α's dtype) and dγ (value pass)."""
+    _state_bwd_kernel has stored its dZ and the dS at its end: the state updates' share of dW,
+    dZ S - (U ⊙ to_end) dS, added to the reads' (dk, dv) and stored in the inputs' dtype (dkf, dvf);
+    d log beta (through e^{b_c}, to_end and, EXACT, through Z = diag(e^{b_{i-1}}) W Sᵀ - L U);
+    the two passes' dα summed (key pass, in α's dtype) and dγ summed (value pass)."""
     if EVEN:  # every size equals its block: strides, masks and divisors are known when compiling
         DK, DV, M = BD, BD, BM
     ci, pid = tl.program_id(0), tl.program_id(1)
@@ -1146,17 +1145,10 @@ def check(device="cuda", only=None, parallel=False):
     labels = [label for label in CHECK_CASES if only is None or label in only]
     print(f"{'case':16s} " + " ".join(f"{n:>8s}" for n in CHECKED))
     worst = {}
-    with contextlib.ExitStack() as stack:
-        if parallel:
-            import concurrent.futures
-            import multiprocessing
-
-            pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
-                len(labels), mp_context=multiprocessing.get_context("spawn")))
-            results = pool.map(_check_case, [device] * len(labels), labels)  # in the cases' order
-        else:
-            results = (_check_case(device, label) for label in labels)
-        for label, errs in zip(labels, results):
+    pool = (concurrent.futures.ProcessPoolExecutor(len(labels), mp_context=multiprocessing.get_context("spawn"))
+            if parallel else None)
+    with pool or contextlib.nullcontext():  # map: results in the cases' order
+        for label, errs in zip(labels, (pool.map if pool else map)(_check_case, [device] * len(labels), labels)):
             print(f"{label:16s} " + " ".join(f"{e:8.1e}" for e in errs), flush=True)
             worst[label] = max(errs) if all(math.isfinite(e) for e in errs) else math.nan
     return worst
