@@ -408,7 +408,7 @@ def _state_fwd_kernel(k, v, al, LB, GM, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC
         W, S0, SS, UU, ST, D = k, K0, SK, UK, KT, DK
     else:  # value pass: write vectors v, memory V
         W, S0, SS, UU, ST, D = v, V0, SV, UV, VT, DV
-    bi, h, s_b, s_t, gb, oc, _, _ = _chunk_rows(0, pid, T, H, C)  # each chunk's times: in the loop
+    bi, h, s_b, s_t, gb, oc, t, tm = _chunk_rows(0, pid, T, H, C)  # t, tm: set again for each chunk
     od, om = tl.arange(0, BD), tl.arange(0, BM)
     mm = (om < M)[None, :]
     smask = (om[:, None] < M) & (od[None, :] < D)
@@ -630,7 +630,7 @@ def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, PT, PR, PL, UK, UV, dUK, dUV, dS
         W, SS, UU, dUU, dSR, dST, dal, dgm, dS0, D = k, SK, UK, dUK, dSK, dKT, dalK, dgmK, dK0, DK
     else:
         W, SS, UU, dUU, dSR, dST, dal, dgm, dS0, D = v, SV, UV, dUV, dSV, dVT, dalV, dgmV, dV0, DV
-    bi, h, s_b, s_t, gb, oc, _, _ = _chunk_rows(0, pid, T, H, C)  # each chunk's times: in the loop
+    bi, h, s_b, s_t, gb, oc, t, tm = _chunk_rows(0, pid, T, H, C)  # t, tm: set again for each chunk
     od, om = tl.arange(0, BD), tl.arange(0, BM)
     mm = (om < M)[None, :]
     smask = (om[:, None] < M) & (od[None, :] < D)
