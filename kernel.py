@@ -8,12 +8,13 @@ sequential (Ubar = gamma code(W S^T, A) needs the memory); every read is compute
 parallel from the stored chunk-start memories. Each kernel's docstring names the equations of
 trellis.py's section 3b it computes (F1-F5 forward, B1-B6 backward):
 
-    forward   _state_fwd_kernel    grid (B*H, 2 passes), chunks in order: F1, F2, F5
-              _read_fwd_kernel     grid (chunks, B*H): both reads, F4
-    backward  _read_bwd_kernel     grid (chunks, B*H): both reads' gradients, B1
-              _code_prep_kernel    grid (chunks, B*H, 2 passes), long sequences: B3's terms free of dS
-              _state_bwd_kernel    grid (B*H, 2 passes), chunks in reverse carrying dS: B2-B4, B6
-              _state_grads_kernel  grid (chunks, B*H, 2 passes): dW and d log beta, B4, B5
+    forward   _state_fwd_kernel      grid (B*H, 2 passes), chunks in order: F1, F2, F5
+              _read_fwd_kernel       grid (chunks, B*H): both reads, F4
+    backward  _read_bwd_value_kernel, then _read_bwd_key_kernel
+                                     grid (chunks, B*H): the reads' gradients, in reverse order, B1
+              _code_prep_kernel      grid (chunks, B*H, 2 passes), long sequences: B3's terms free of dS
+              _state_bwd_kernel      grid (B*H, 2 passes), chunks in reverse carrying dS: B2-B4, B6
+              _state_grads_kernel    grid (chunks, B*H, 2 passes): dW and d log beta, B4, B5
 In long sequences the backward takes the chunks in runs, last run first, so that _state_bwd_kernel
 walks one run while the read and prep kernels work on the next.
 
@@ -292,9 +293,8 @@ def _dot(a, b, PREC: tl.constexpr):
 
 @triton.jit
 def _chunk_rows(ci, pid, T, H, C: tl.constexpr):
-    """Chunk ci of (batch, head) pid: bi, h, the batch and time strides s_b, s_t of a contiguous
-    [B,T,H] tensor (of [B,T,H,*]: row (b, t, h) starts at (b s_b + t s_t + h) * width), the offset
-    gb of (bi, h) in it, the chunk's row offsets, its times t and their mask."""
+    """Chunk ci of (batch, head) pid: bi, h, the batch and time strides of a [B,T,H] tensor,
+    the offset gb of (bi, h) in it, the chunk's row offsets, its times and their mask."""
     bi, h = pid // H, pid % H
     oc = tl.arange(0, C)
     t = ci * C + oc
@@ -408,8 +408,10 @@ def _state_fwd_kernel(k, v, al, LB, GM, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC
         W, S0, SS, UU, ST, D = k, K0, SK, UK, KT, DK
     else:  # value pass: write vectors v, memory V
         W, S0, SS, UU, ST, D = v, V0, SV, UV, VT, DV
-    bi, h, s_b, s_t, gb, oc, t, tm = _chunk_rows(0, pid, T, H, C)  # t, tm: set again for each chunk
-    od, om = tl.arange(0, BD), tl.arange(0, BM)
+    bi, h = pid // H, pid % H
+    s_b, s_t = T * H, H  # contiguous [B,T,H,*]: row (b, t, h) starts at (b T H + t H + h) * width
+    gb = bi * s_b + h  # gates [B,T,H]: (b, t, h) at gb + t * s_t
+    oc, od, om = tl.arange(0, C), tl.arange(0, BD), tl.arange(0, BM)
     mm = (om < M)[None, :]
     smask = (om[:, None] < M) & (od[None, :] < D)
     loc = om[:, None] * D + od[None, :]  # [BM, BD] offsets inside one m x d state
@@ -470,61 +472,84 @@ def _read_fwd_kernel(q, k, v, LB, SK, SV, UK, UV, o, YK, T, H, NC,
 
 
 # -----------------------------------------------------------------------------
-# backward: _read_bwd_kernel differentiates every chunk's reads in parallel (B1); _state_bwd_kernel
+# backward: the read kernels differentiate every chunk's reads in parallel (B1); _state_bwd_kernel
 # walks the chunks in reverse carrying dS (B2-B4, B6: the only sequential part);
 # _state_grads_kernel finishes dW and d log beta every chunk in parallel (B4, B5)
 
 
 @triton.jit
-def _read_bwd_kernel(q, k, v, LB, SK, SV, UK, UV, YK, do, dq, dk, dv, dUK, dUV, dSK, dSV, dlb, T, H, NC, C0,
-                     DK, DV, M, BDK: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, C: tl.constexpr,
-                     F: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr, EVEN: tl.constexpr):
-    """B1. Grid (chunks of a run, B*H), chunk C0 + program_id(0). Differentiates _read_fwd_kernel's
-    two reads in reverse order: O = e^b R V - ((R Uvᵀ) ⊙ Γ) v with R = f(Yhat), then
-    Yhat = e^b q Kᵀ - ((q kᵀ) ⊙ Γ) Uk. Stores dq (final), the reads' shares of dk, dv, dUk, dUv,
-    and of d log beta, and each chunk's dS_read."""
+def _read_bwd_value_kernel(v, LB, SV, UV, YK, do, dv, dUV, dSV, dYK, dlb, T, H, NC, C0,
+                           DV, M, BDV: tl.constexpr, BM: tl.constexpr,
+                           C: tl.constexpr, F: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
+                           EVEN: tl.constexpr):
+    """B1 (read with r). Grid (chunks of a run, B*H), chunk C0 + program_id(0). The value pass's read
+    O = e^b R V - ((R Uvᵀ) ⊙ Γ) v with R = f(Yhat):
+    the read parts of dv, dUv, d log beta, dS_read per chunk, and dYhat for the key pass."""
     if EVEN:
-        DK, DV, M = BDK, BDV, BM
+        DV, M = BDV, BM
     ci, pid = C0 + tl.program_id(0), tl.program_id(1)
     bi, h, s_b, s_t, gb, oc, t, tm = _chunk_rows(ci, pid, T, H, C)
-    odk, odv, om = tl.arange(0, BDK), tl.arange(0, BDV), tl.arange(0, BM)
+    odv, om = tl.arange(0, BDV), tl.arange(0, BM)
     mm = (om < M)[None, :]
-    row_k, row_v, row_m = bi * s_b * DK + h * DK, bi * s_b * DV + h * DV, bi * s_b * M + h * M
-    rows_m, mrow = row_m + t[:, None] * s_t * M + om[None, :], tm[:, None] & mm
-    b, Gam, eb, b_c, to_end = _chunk_decays(tl.load(LB + gb + t * s_t, mask=tm, other=0.0), oc, C)
-    # the read with r: O = e^b R V - ((R Uvᵀ) ⊙ Γ) v
     Vs, loc_v, vmask = _load_state(SV, pid * NC + ci, om, odv, M, DV)
+    row_v, row_m = bi * s_b * DV + h * DV, bi * s_b * M + h * M
     vv = _load_rows(v + row_v, t, tm, odv, DV, s_t * DV)
     Uv = _load_rows(UV + row_m, t, tm, om, M, s_t * M)
     Yk = _load_rows(YK + row_m, t, tm, om, M, s_t * M)
     dO = _load_rows(do + row_v, t, tm, odv, DV, s_t * DV)
+    b, Gam, eb, b_c, to_end = _chunk_decays(tl.load(LB + gb + t * s_t, mask=tm, other=0.0), oc, C)
     R = _f_fwd(Yk, mm, M, F, EPS)
     Pv = _dot(R, tl.trans(Uv), PREC)
     dPv = -_dot(dO, tl.trans(vv), PREC) * Gam  # dL/d(R Uvᵀ)
     dOV = _dot(dO, tl.trans(Vs), PREC)
+    dR = eb[:, None] * dOV + _dot(dPv, Uv, PREC)
     G = dPv * Pv  # dΓ ⊙ Γ
     db = tl.sum(R * dOV, 1) * eb + tl.sum(G, 1) - tl.sum(G, 0)  # R * dOV: rows of dO ⊙ (R V), summed
+    rows_m = row_m + t[:, None] * s_t * M + om[None, :]
+    mrow = tm[:, None] & mm
+    tl.store(dYK + rows_m, _f_bwd(Yk, dR, mm, M, F, EPS), mask=mrow)
     tl.store(dUV + rows_m, _dot(tl.trans(dPv), R, PREC), mask=mrow)
     tl.store(dv + row_v + t[:, None] * s_t * DV + odv[None, :],
              -_dot(tl.trans(Pv * Gam), dO, PREC), mask=tm[:, None] & (odv[None, :] < DV))
     tl.store(dSV + loc_v, _dot(tl.trans(R * eb[:, None]), dO, PREC), mask=vmask)
-    dYk = _f_bwd(Yk, eb[:, None] * dOV + _dot(dPv, Uv, PREC), mm, M, F, EPS)  # through r = f(yhat)
-    # the read with q: Yhat = e^b q Kᵀ - ((q kᵀ) ⊙ Γ) Uk
+    tl.store(dlb + gb + t * s_t, tl.sum(db, 0) - tl.cumsum(db, 0) + db, mask=tm)  # d log beta_j = sum_{i>=j} db_i
+
+
+@triton.jit
+def _read_bwd_key_kernel(q, k, LB, SK, UK, dYK, dq, dk, dUK, dSK, dlb, T, H, NC, C0,
+                         DK, M, BDK: tl.constexpr, BM: tl.constexpr,
+                         C: tl.constexpr, PREC: tl.constexpr, EVEN: tl.constexpr):
+    """B1 (read with q). Grid (chunks of a run, B*H), chunk C0 + program_id(0). The key pass's read
+    Yhat = e^b q Kᵀ - ((q kᵀ) ⊙ Γ) Uk: dq (final), the
+    read parts of dk, dUk, dS_read per chunk, and its share of d log beta (added)."""
+    if EVEN:
+        DK, M = BDK, BM
+    ci, pid = C0 + tl.program_id(0), tl.program_id(1)
+    bi, h, s_b, s_t, gb, oc, t, tm = _chunk_rows(ci, pid, T, H, C)
+    odk, om = tl.arange(0, BDK), tl.arange(0, BM)
+    mm = (om < M)[None, :]
     Ks, loc_k, kmask = _load_state(SK, pid * NC + ci, om, odk, M, DK)
+    row_k, row_m = bi * s_b * DK + h * DK, bi * s_b * M + h * M
     qq = _load_rows(q + row_k, t, tm, odk, DK, s_t * DK)
     kk = _load_rows(k + row_k, t, tm, odk, DK, s_t * DK)
     Uk = _load_rows(UK + row_m, t, tm, om, M, s_t * M)
+    dYk = _load_rows(dYK + row_m, t, tm, om, M, s_t * M)
+    b, Gam, eb, b_c, to_end = _chunk_decays(tl.load(LB + gb + t * s_t, mask=tm, other=0.0), oc, C)
     Pk = _dot(qq, tl.trans(kk), PREC)
     dPk = -_dot(dYk, tl.trans(Uk), PREC) * Gam  # dL/d(q kᵀ)
-    dYKs = _dot(dYk, Ks, PREC)
     G = dPk * Pk
-    db += tl.sum(qq.to(tl.float32) * dYKs, 1) * eb + tl.sum(G, 1) - tl.sum(G, 0)  # rows of dYk ⊙ (q Kᵀ), summed
-    rows_k, kmask_t = row_k + t[:, None] * s_t * DK + odk[None, :], tm[:, None] & (odk[None, :] < DK)
-    tl.store(dq + rows_k, (eb[:, None] * dYKs + _dot(dPk, kk, PREC)).to(dq.dtype.element_ty), mask=kmask_t)
-    tl.store(dk + rows_k, _dot(tl.trans(dPk), qq, PREC), mask=kmask_t)
-    tl.store(dUK + rows_m, -_dot(tl.trans(Pk * Gam), dYk, PREC), mask=mrow)
+    dYKs = _dot(dYk, Ks, PREC)
+    db = tl.sum(qq.to(tl.float32) * dYKs, 1) * eb + tl.sum(G, 1) - tl.sum(G, 0)  # rows of dYk ⊙ (q Kᵀ), summed
+    dqq = eb[:, None] * dYKs + _dot(dPk, kk, PREC)
+    tl.store(dq + row_k + t[:, None] * s_t * DK + odk[None, :], dqq.to(dq.dtype.element_ty),
+             mask=tm[:, None] & (odk[None, :] < DK))
+    tl.store(dk + row_k + t[:, None] * s_t * DK + odk[None, :], _dot(tl.trans(dPk), qq, PREC),
+             mask=tm[:, None] & (odk[None, :] < DK))
+    tl.store(dUK + row_m + t[:, None] * s_t * M + om[None, :],
+             -_dot(tl.trans(Pk * Gam), dYk, PREC), mask=tm[:, None] & mm)
     tl.store(dSK + loc_k, _dot(tl.trans(dYk * eb[:, None]), qq, PREC), mask=kmask)
-    tl.store(dlb + gb + t * s_t, tl.sum(db, 0) - tl.cumsum(db, 0) + db, mask=tm)  # d log beta_j = sum_{i>=j} db_i
+    dlbb = tl.sum(db, 0) - tl.cumsum(db, 0) + db
+    tl.store(dlb + gb + t * s_t, tl.load(dlb + gb + t * s_t, mask=tm, other=0.0) + dlbb, mask=tm)
 
 
 @triton.jit
@@ -630,8 +655,10 @@ def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, PT, PR, PL, UK, UV, dUK, dUV, dS
         W, SS, UU, dUU, dSR, dST, dal, dgm, dS0, D = k, SK, UK, dUK, dSK, dKT, dalK, dgmK, dK0, DK
     else:
         W, SS, UU, dUU, dSR, dST, dal, dgm, dS0, D = v, SV, UV, dUV, dSV, dVT, dalV, dgmV, dV0, DV
-    bi, h, s_b, s_t, gb, oc, t, tm = _chunk_rows(0, pid, T, H, C)  # t, tm: set again for each chunk
-    od, om = tl.arange(0, BD), tl.arange(0, BM)
+    bi, h = pid // H, pid % H
+    s_b, s_t = T * H, H
+    gb = bi * s_b + h
+    oc, od, om = tl.arange(0, C), tl.arange(0, BD), tl.arange(0, BM)
     mm = (om < M)[None, :]
     smask = (om[:, None] < M) & (od[None, :] < D)
     loc = om[:, None] * D + od[None, :]
@@ -761,6 +788,11 @@ def _launch_config(DK, DV, M, C, phi, f, phi_eps, f_eps, exact, prec, num_warps)
     return seq, par, grads, prep
 
 
+def _taken(fn, launch):
+    """The launch keywords (from _launch_config) that kernel fn takes, with its warps and stages."""
+    return {x: launch[x] for x in launch if x in fn.arg_names or x in ("num_warps", "num_stages")}
+
+
 def _runs(NC, n):
     """Up to n consecutive runs of chunks (first chunk, count) covering chunks 0 .. NC - 1."""
     n = max(1, min(n, NC))
@@ -820,11 +852,12 @@ class TrellisChunkFn(torch.autograd.Function):
         do = do.contiguous()
         dKT = torch.zeros(B, H, M, DK, **f32) if dKT is None else dKT.float().contiguous()
         dVT = torch.zeros(B, H, M, DV, **f32) if dVT is None else dVT.float().contiguous()
-        dq = torch.empty_like(q)  # final after _read_bwd_kernel; dk, dv: the reads' shares, fp32
+        dq = torch.empty_like(q)  # final after _read_bwd_key_kernel; dk, dv: the reads' shares, fp32
         dk, dv = torch.empty(k.shape, **f32), torch.empty(v.shape, **f32)
         dUK, dUV = torch.empty(alpha.shape, **f32), torch.empty(alpha.shape, **f32)
         dSK, dSV = torch.empty_like(SK), torch.empty_like(SV)  # per chunk, the reads' dL/dS
         dlb_read = torch.empty_like(log_beta)
+        dYK = torch.empty(alpha.shape, **f32)
         dalK, dalV = torch.empty(alpha.shape, **f32), torch.empty(alpha.shape, **f32)
         dlbK, dlbV, dgmK, dgmV = (torch.empty_like(log_beta) for _ in range(4))
         spans = ctx.spans
@@ -842,8 +875,10 @@ class TrellisChunkFn(torch.autograd.Function):
         walked = {}
         for r in reversed(range(len(spans))):
             c0, n = spans[r]
-            _read_bwd_kernel[(n, B * H)](q, k, v, log_beta, SK, SV, UK, UV, YK, do, dq, dk, dv, dUK, dUV, dSK, dSV,
-                                         dlb_read, T, H, NC, c0, **ctx.par)
+            _read_bwd_value_kernel[(n, B * H)](v, log_beta, SV, UV, YK, do, dv, dUV, dSV, dYK, dlb_read, T, H, NC, c0,
+                                               **_taken(_read_bwd_value_kernel, ctx.par))
+            _read_bwd_key_kernel[(n, B * H)](q, k, log_beta, SK, UK, dYK, dq, dk, dUK, dSK, dlb_read, T, H, NC, c0,
+                                             **_taken(_read_bwd_key_kernel, ctx.par))
             if ctx.prepped:
                 if r + 2 in walked:
                     main.wait_event(walked[r + 2])
@@ -863,7 +898,7 @@ class TrellisChunkFn(torch.autograd.Function):
             main.wait_stream(side)
         # dUK, dUV now hold dZ and dSK, dSV (chunks 1 ..) the dS at each chunk's start. The final
         # gradients take the place of the buffers only the walks needed (peak memory)
-        del PT, PR, PL
+        del PT, PR, PL, dYK
         dkf, dvf = (dk, dv) if k.dtype == torch.float32 else (torch.empty_like(k), torch.empty_like(v))
         dal, dgm = torch.empty_like(alpha), torch.empty_like(gamma)
         _state_grads_kernel[(NC, B * H, 2)](k, v, log_beta, SK, SV, UK, UV, dUK, dUV, dSK, dSV, dKT, dVT, dk, dv,

@@ -855,8 +855,9 @@ def kernel_shared_memory(C, m, d, phi="norm_silu", f="norm_silu", exact=False, n
     seq, par, grads, prep = kernel._launch_config(d, d, m, C, phi, f, 1.0, 1e-3, exact, "tf32",
                                                   num_warps or kernel.default_warps(m))  # eps size nothing
     out = {}
-    kernels = [(kernel._state_fwd_kernel, seq), (kernel._read_fwd_kernel, par), (kernel._read_bwd_kernel, par),
-               (kernel._state_bwd_kernel, dict(seq, PREP=False)), (kernel._state_grads_kernel, grads)]
+    kernels = [(kernel._state_fwd_kernel, seq), (kernel._read_fwd_kernel, par), (kernel._read_bwd_value_kernel, par),
+               (kernel._read_bwd_key_kernel, par), (kernel._state_bwd_kernel, dict(seq, PREP=False)),
+               (kernel._state_grads_kernel, grads)]
     if not exact:  # the backward in runs: the walk reads _code_prep_kernel's terms
         kernels += [(kernel._code_prep_kernel, prep), (kernel._state_bwd_kernel, dict(seq, PREP=True))]
     for fn, launch in kernels:
