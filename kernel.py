@@ -1102,7 +1102,8 @@ class ShortConvFn(torch.autograd.Function):
         return dx, dwp.sum(0).to(ctx.weight_dtype), None
 
 
-short_conv_silu = ShortConvFn.apply  # (x, weight, head)
+def short_conv_silu(x, weight, head=None):
+    return ShortConvFn.apply(x, weight, head)  # a function, for head's default (apply takes none)
 
 
 # -----------------------------------------------------------------------------
