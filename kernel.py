@@ -915,15 +915,11 @@ def default_warps(m):
     return (8, 8) if m > 128 else (4, 4)
 
 
-def default_runs(programs=None, sms=None, exact=False):
-    """Runs of chunks in the backward (TrellisChunkFn): 1, unless the sequential kernels' `programs`
+def default_runs(programs=None, sms=None):
+    """Runs of chunks in the backward (TrellisChunkFn): 4 when the sequential kernels' `programs`
     (B*H*2) leave at least half of the GPU's `sms` multiprocessors to the read kernels (long
-    sequences): then 4, and 8 for the exact rule, whose two runs' worth of _code_prep_kernel's terms
-    and L are then a quarter of all chunks': half the memory of 4 runs, 2% slower at T = 16384 (other
-    counts: NOTES.md, section 4)."""
-    if programs is not None and sms is not None and 2 * programs <= sms:
-        return 8 if exact else 4
-    return 1
+    sequences), else 1 (other counts: NOTES.md, section 4)."""
+    return 4 if programs is not None and sms is not None and 2 * programs <= sms else 1
 
 
 def unsupported(q, v, alpha, phi, f, chunk_size, sweeps):
@@ -979,7 +975,7 @@ def trellis_op_triton(q, k, v, alpha, beta, gamma, K0=None, V0=None, *, phi, f, 
     if num_warps is None:
         num_warps = default_warps(m)
     if runs is None:
-        runs = default_runs(B * H * 2, sms, exact)
+        runs = default_runs(B * H * 2, sms)
     o, KT, VT = TrellisChunkFn.apply(q, k, v, alpha, log_beta, gamma, K0, V0, phi, f, phi_eps, f_eps, chunk_size,
                                      exact, precision, num_warps, runs)
     return o.to(v.dtype), KT, VT

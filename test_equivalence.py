@@ -984,14 +984,12 @@ def test_benchmark_command_bad_input_is_one_line(argv, msg):
 
 
 def test_kernel_default_runs():
-    """The backward in 4 runs of chunks (the exact rule: 8) when its B*H*2 sequential programs
-    leave at least half of the multiprocessors to the read kernels, else (or off the GPU) in one."""
+    """The backward in 4 runs of chunks when its B*H*2 sequential programs leave at least half of
+    the multiprocessors to the read kernels, else (or off the GPU) in one."""
     import kernel
 
     assert kernel.default_runs(32, 132) == kernel.default_runs(66, 132) == 4
-    assert kernel.default_runs(32, 132, exact=True) == kernel.default_runs(66, 132, exact=True) == 8
     assert kernel.default_runs(67, 132) == kernel.default_runs(512, 132) == kernel.default_runs() == 1
-    assert kernel.default_runs(67, 132, exact=True) == kernel.default_runs(exact=True) == 1
     assert kernel._runs(5, 8) == [(0, 1), (1, 1), (2, 1), (3, 1), (4, 1)]
     assert kernel._runs(10, 3) == [(0, 3), (3, 3), (6, 4)]
 
