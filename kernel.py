@@ -21,7 +21,7 @@ walks one run while the read and prep kernels work on the next.
 Performance only, skippable on a first reading (each bought at least 5% at some T in a same-run
 A/B, NOTES.md section 3.2): _exp and _sigmoid (PTX), _code_vjp_u, _dot16 / _dot_split (bf16 tiles
 into the tensor cores as they are), EVEN (sizes compiled in), the backward's runs of chunks
-(_code_prep_kernel, _store_terms / _load_terms, _runs, _side_stream, default_runs, PREP), and the
+(_code_prep_kernel, _store_terms / _load_terms, _runs, default_runs, PREP), and the
 layer's short convolution in one pass each way (short_conv_silu, the last section before the check).
 
 Legend: kernel names -> trellis.py's symbols (one head, one chunk of C rows)
@@ -800,18 +800,6 @@ def _runs(NC, n):
     return [(a, b - a) for a, b in zip(edges, edges[1:])]
 
 
-_SIDE_STREAMS = {}
-
-
-def _side_stream(device):
-    """The stream of the backward's sequential kernel when it overlaps the read kernels, one per
-    GPU. High priority: when a read kernel's program ends, the scheduler gives the freed
-    multiprocessor to the sequential kernel first."""
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device, priority=-1)
-    return _SIDE_STREAMS[device]
-
-
 class TrellisChunkFn(torch.autograd.Function):
     """(q, k, v, alpha, log_beta, gamma, K0, V0) -> (o, K_T, V_T); q..alpha [B,T,H,*] contiguous,
     log_beta, gamma [B,T,H] fp32, K0, V0 [B,H,m,d] fp32.
@@ -854,17 +842,16 @@ class TrellisChunkFn(torch.autograd.Function):
         dVT = torch.zeros(B, H, M, DV, **f32) if dVT is None else dVT.float().contiguous()
         dq = torch.empty_like(q)  # final after _read_bwd_key_kernel; dk, dv: the reads' shares, fp32
         dk, dv = torch.empty(k.shape, **f32), torch.empty(v.shape, **f32)
-        dUK, dUV = torch.empty(alpha.shape, **f32), torch.empty(alpha.shape, **f32)
+        dUK, dUV, dYK, dalK, dalV = (torch.empty(alpha.shape, **f32) for _ in range(5))
         dSK, dSV = torch.empty_like(SK), torch.empty_like(SV)  # per chunk, the reads' dL/dS
-        dlb_read = torch.empty_like(log_beta)
-        dYK = torch.empty(alpha.shape, **f32)
-        dalK, dalV = torch.empty(alpha.shape, **f32), torch.empty(alpha.shape, **f32)
-        dlbK, dlbV, dgmK, dgmV = (torch.empty_like(log_beta) for _ in range(4))
+        dlb_read, dlbK, dlbV, dgmK, dgmV = (torch.empty_like(log_beta) for _ in range(5))
         spans = ctx.spans
         dKs = [torch.empty_like(dKT) for _ in spans] + [dKT]  # dL/d(state) where runs meet; dKs[0] = dL/dK0
         dVs = [torch.empty_like(dVT) for _ in spans] + [dVT]
         C = ctx.seq["C"]
-        side = _side_stream(q.device) if q.is_cuda and len(spans) > 1 else None
+        # the walks' stream: high priority, so that a multiprocessor freed by a read kernel's program
+        # goes to the walk first (torch takes it from its pool of streams)
+        side = torch.cuda.Stream(q.device, priority=-1) if q.is_cuda and len(spans) > 1 else None
         main = torch.cuda.current_stream(q.device) if side else None
         # _code_prep_kernel's terms, two runs' worth: run r writes buffer r % 2 once the walk of run r + 2,
         # which read it, is done
@@ -1117,12 +1104,10 @@ def _inputs(B, T, H, dk, dv, m, dtype, device, seed=0):
     return [t.to(device, dtype if i < 4 else torch.float32) for i, t in enumerate(ins)]
 
 
-def _model_eps():
-    """The model's default LayerNorm epsilons (TrellisConfig), for the check and the benchmark."""
+def _model_eps():  # the model's default LayerNorm epsilons (TrellisConfig)
     import trellis
 
-    cfg = trellis.TrellisConfig()
-    return dict(phi_eps=cfg.phi_eps, f_eps=cfg.f_eps)
+    return {name: getattr(trellis.TrellisConfig(), name) for name in ("phi_eps", "f_eps")}
 
 
 def _fwd_bwd(fn, ins, seed=1):
@@ -1186,12 +1171,6 @@ def check(device="cuda", only=None, parallel=False):
     return worst
 
 
-def _time(fn, reps_ms=200):
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=25, rep=reps_ms, return_mode="median")
-
-
 def _peak_mib(fn):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -1206,27 +1185,24 @@ def _peak_mib(fn):
 KERNEL_VARIANTS = {"kernel": (0, 1.0), "kernel exact": (63, 1.0), "exact, model g": (63, 0.2)}
 
 
-def _load_kernel_file(path):
-    """Another copy of kernel.py (another commit's, or one with a piece of machinery replaced) as a module."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("kernel_against", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def bench(device="cuda", Ts=(1024, 4096, 16384), tokens=32768, H=8, d=64, m=64, C=64, against=None, rounds=3):
     """fwd and fwd+bwd ms, tokens/s (fwd+bwd) and peak memory above the inputs, bf16 inputs: the
     best of `rounds` interleaved rounds of do_bench medians. against: the path of another
     kernel.py, timed in the same rounds (rows marked "*"), for a same-run A/B."""
-    import torch.nn.functional as F
+    import importlib.util
 
+    import torch.nn.functional as F
+    from triton.testing import do_bench
+
+    median_ms = lambda fn: do_bench(fn, warmup=25, rep=200, return_mode="median")  # noqa: E731
     if not all(isinstance(T, int) and 1 <= T <= tokens for T in Ts):
         raise ValueError(f"bench: every T must be an int in [1, tokens = {tokens}], got {list(Ts)}")
     ops = {"": trellis_op_triton}
-    if against is not None:
-        ops["*"] = _load_kernel_file(against).trellis_op_triton
+    if against is not None:  # another copy of kernel.py (another commit's, or with a piece of machinery replaced)
+        spec = importlib.util.spec_from_file_location("kernel_against", against)
+        other = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(other)
+        ops["*"] = other.trellis_op_triton
     eps = dict(_model_eps(), phi="norm_silu", f="norm_silu")
     rows = []
     for T in Ts:
@@ -1247,9 +1223,9 @@ def bench(device="cuda", Ts=(1024, 4096, 16384), tokens=32768, H=8, d=64, m=64, 
                 o0 = fwd().detach()
                 both = (lambda fwd, leaves, o0: lambda: torch.autograd.grad(fwd(), leaves, o0))(fwd, leaves, o0)
                 with torch.no_grad():
-                    t_f = _time(fwd)
+                    t_f = median_ms(fwd)
                 t = timed.setdefault(name, [math.inf, math.inf, both])
-                t[:2] = min(t[0], t_f), min(t[1], _time(both))
+                t[:2] = min(t[0], t_f), min(t[1], median_ms(both))
         for name, (t_f, t_b, both) in timed.items():
             mem = _peak_mib(both)
             rows.append((T, B, name, t_f, t_b, tokens / t_b * 1e3, mem))
