@@ -242,6 +242,13 @@ def _load_rows(ptr, t, tm, offs, real, s_t):
     return tl.load(ptr + t[:, None] * s_t + offs[None, :], mask=mask, other=0.0)
 
 
+@triton.jit
+def _store_rows(ptr, x, t, tm, offs, real, s_t):
+    """x [C, block] into rows t, in the tensor's dtype: _load_rows' inverse."""
+    mask = tm[:, None] & (offs[None, :] < real)
+    tl.store(ptr + t[:, None] * s_t + offs[None, :], x.to(ptr.dtype.element_ty), mask=mask)
+
+
 # Dots. q, k, v and dO come in the inputs' dtype; everything else (memories, codes, gradients) is
 # fp32. A bf16 tile goes into the tensor cores as it is: a product with a bf16 partner is exact
 # in one bf16 dot, and an fp32 partner x is split into bf16 terms x = x1 + x2 (+ x3) whose
@@ -293,8 +300,9 @@ def _dot(a, b, PREC: tl.constexpr):
 
 @triton.jit
 def _chunk_rows(ci, pid, T, H, C: tl.constexpr):
-    """Chunk ci of (batch, head) pid: bi, h, the batch and time strides of a [B,T,H] tensor,
-    the offset gb of (bi, h) in it, the chunk's row offsets, its times and their mask."""
+    """Chunk ci of (batch, head) pid: bi, h, the batch and time strides s_b, s_t of a contiguous
+    [B,T,H] tensor (of [B,T,H,width]: times the width), the offset gb of (bi, h) in it (a gate at
+    gb + t s_t), the chunk's row offsets oc, its times t and their mask tm."""
     bi, h = pid // H, pid % H
     oc = tl.arange(0, C)
     t = ci * C + oc
@@ -408,10 +416,8 @@ def _state_fwd_kernel(k, v, al, LB, GM, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC
         W, S0, SS, UU, ST, D = k, K0, SK, UK, KT, DK
     else:  # value pass: write vectors v, memory V
         W, S0, SS, UU, ST, D = v, V0, SV, UV, VT, DV
-    bi, h = pid // H, pid % H
-    s_b, s_t = T * H, H  # contiguous [B,T,H,*]: row (b, t, h) starts at (b T H + t H + h) * width
-    gb = bi * s_b + h  # gates [B,T,H]: (b, t, h) at gb + t * s_t
-    oc, od, om = tl.arange(0, C), tl.arange(0, BD), tl.arange(0, BM)
+    bi, h, s_b, s_t, gb, oc, t, tm = _chunk_rows(0, pid, T, H, C)  # t, tm: set again for each chunk
+    od, om = tl.arange(0, BD), tl.arange(0, BM)
     mm = (om < M)[None, :]
     smask = (om[:, None] < M) & (od[None, :] < D)
     loc = om[:, None] * D + od[None, :]  # [BM, BD] offsets inside one m x d state
@@ -427,14 +433,12 @@ def _state_fwd_kernel(k, v, al, LB, GM, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC
         lb = tl.load(LB + gb + t * s_t, mask=tm, other=0.0)
         b, Gam, eb, b_c, to_end = _chunk_decays(lb, oc, C)
         Z = _dot(w, tl.trans(S), PREC)  # W Sᵀ
-        rows_m = row_m + t[:, None] * s_t * M + om[None, :]
-        mrow = tm[:, None] & mm
         if EXACT:
             b_prev, _, L = _exact_lower(w, b, lb, oc, PREC)
             U = _exact_codes_fwd(tl.exp(b_prev)[:, None] * Z, L, a, g, mm, M, PHI, EPS, C, PREC)
         else:
             U = g[:, None] * _code_fwd(Z, a, mm, M, PHI, EPS)
-        tl.store(UU + rows_m, U, mask=mrow)
+        _store_rows(UU + row_m, U, t, tm, om, M, s_t * M)
         S = tl.exp(b_c) * S - _dot(tl.trans(U * to_end[:, None]), w, PREC)
     tl.store(ST + pid * M * D + loc, S, mask=smask)
 
@@ -463,12 +467,11 @@ def _read_fwd_kernel(q, k, v, LB, SK, SV, UK, UV, o, YK, T, H, NC,
     b, Gam, eb, b_c, to_end = _chunk_decays(tl.load(LB + gb + t * s_t, mask=tm, other=0.0), oc, C)
     Pk = _dot(qq, tl.trans(kk), PREC) * Gam
     Yk = eb[:, None] * _dot(qq, tl.trans(Ks), PREC) - _dot(Pk, Uk, PREC)
-    tl.store(YK + row_m + t[:, None] * s_t * M + om[None, :], Yk, mask=tm[:, None] & mm)  # for the backward
+    _store_rows(YK + row_m, Yk, t, tm, om, M, s_t * M)  # for the backward
     R = _f_fwd(Yk, mm, M, F, EPS)
     Pv = _dot(R, tl.trans(Uv), PREC) * Gam
     O = eb[:, None] * _dot(R, Vs, PREC) - _dot(Pv, vv, PREC)
-    tl.store(o + row_v + t[:, None] * s_t * DV + odv[None, :], O.to(o.dtype.element_ty),
-             mask=tm[:, None] & (odv[None, :] < DV))
+    _store_rows(o + row_v, O, t, tm, odv, DV, s_t * DV)
 
 
 # -----------------------------------------------------------------------------
@@ -505,12 +508,9 @@ def _read_bwd_value_kernel(v, LB, SV, UV, YK, do, dv, dUV, dSV, dYK, dlb, T, H, 
     dR = eb[:, None] * dOV + _dot(dPv, Uv, PREC)
     G = dPv * Pv  # dΓ ⊙ Γ
     db = tl.sum(R * dOV, 1) * eb + tl.sum(G, 1) - tl.sum(G, 0)  # R * dOV: rows of dO ⊙ (R V), summed
-    rows_m = row_m + t[:, None] * s_t * M + om[None, :]
-    mrow = tm[:, None] & mm
-    tl.store(dYK + rows_m, _f_bwd(Yk, dR, mm, M, F, EPS), mask=mrow)
-    tl.store(dUV + rows_m, _dot(tl.trans(dPv), R, PREC), mask=mrow)
-    tl.store(dv + row_v + t[:, None] * s_t * DV + odv[None, :],
-             -_dot(tl.trans(Pv * Gam), dO, PREC), mask=tm[:, None] & (odv[None, :] < DV))
+    _store_rows(dYK + row_m, _f_bwd(Yk, dR, mm, M, F, EPS), t, tm, om, M, s_t * M)
+    _store_rows(dUV + row_m, _dot(tl.trans(dPv), R, PREC), t, tm, om, M, s_t * M)
+    _store_rows(dv + row_v, -_dot(tl.trans(Pv * Gam), dO, PREC), t, tm, odv, DV, s_t * DV)
     tl.store(dSV + loc_v, _dot(tl.trans(R * eb[:, None]), dO, PREC), mask=vmask)
     tl.store(dlb + gb + t * s_t, tl.sum(db, 0) - tl.cumsum(db, 0) + db, mask=tm)  # d log beta_j = sum_{i>=j} db_i
 
@@ -527,7 +527,6 @@ def _read_bwd_key_kernel(q, k, LB, SK, UK, dYK, dq, dk, dUK, dSK, dlb, T, H, NC,
     ci, pid = C0 + tl.program_id(0), tl.program_id(1)
     bi, h, s_b, s_t, gb, oc, t, tm = _chunk_rows(ci, pid, T, H, C)
     odk, om = tl.arange(0, BDK), tl.arange(0, BM)
-    mm = (om < M)[None, :]
     Ks, loc_k, kmask = _load_state(SK, pid * NC + ci, om, odk, M, DK)
     row_k, row_m = bi * s_b * DK + h * DK, bi * s_b * M + h * M
     qq = _load_rows(q + row_k, t, tm, odk, DK, s_t * DK)
@@ -541,27 +540,24 @@ def _read_bwd_key_kernel(q, k, LB, SK, UK, dYK, dq, dk, dUK, dSK, dlb, T, H, NC,
     dYKs = _dot(dYk, Ks, PREC)
     db = tl.sum(qq.to(tl.float32) * dYKs, 1) * eb + tl.sum(G, 1) - tl.sum(G, 0)  # rows of dYk ⊙ (q Kᵀ), summed
     dqq = eb[:, None] * dYKs + _dot(dPk, kk, PREC)
-    tl.store(dq + row_k + t[:, None] * s_t * DK + odk[None, :], dqq.to(dq.dtype.element_ty),
-             mask=tm[:, None] & (odk[None, :] < DK))
-    tl.store(dk + row_k + t[:, None] * s_t * DK + odk[None, :], _dot(tl.trans(dPk), qq, PREC),
-             mask=tm[:, None] & (odk[None, :] < DK))
-    tl.store(dUK + row_m + t[:, None] * s_t * M + om[None, :],
-             -_dot(tl.trans(Pk * Gam), dYk, PREC), mask=tm[:, None] & mm)
+    _store_rows(dq + row_k, dqq, t, tm, odk, DK, s_t * DK)
+    _store_rows(dk + row_k, _dot(tl.trans(dPk), qq, PREC), t, tm, odk, DK, s_t * DK)
+    _store_rows(dUK + row_m, -_dot(tl.trans(Pk * Gam), dYk, PREC), t, tm, om, M, s_t * M)
     tl.store(dSK + loc_k, _dot(tl.trans(dYk * eb[:, None]), qq, PREC), mask=kmask)
     dlbb = tl.sum(db, 0) - tl.cumsum(db, 0) + db
     tl.store(dlb + gb + t * s_t, tl.load(dlb + gb + t * s_t, mask=tm, other=0.0) + dlbb, mask=tm)
 
 
 @triton.jit
-def _forward_z(w, S, UU, rows_m, mrow, b, lb, oc, EXACT: tl.constexpr, PREC: tl.constexpr):
+def _forward_z(w, S, U, b, lb, oc, EXACT: tl.constexpr, PREC: tl.constexpr):
     """The z at which the forward took the chunk's codes: Z = W Sᵀ, or (EXACT) the solution
-    diag(e^{b_prev}) W Sᵀ - L Ū from the stored Ū; with L and e^{b_prev} (not EXACT: placeholders,
-    unused and compiled away)."""
+    diag(e^{b_prev}) W Sᵀ - L Ū from the stored Ū (U); with L and e^{b_prev} (not EXACT: placeholders;
+    they, and the load of U, are compiled away)."""
     Z = _dot(w, tl.trans(S), PREC)
     if EXACT:
         b_prev, _, L = _exact_lower(w, b, lb, oc, PREC)
         eb_prev = tl.exp(b_prev)
-        Z = eb_prev[:, None] * Z - _dot(L, tl.load(UU + rows_m, mask=mrow, other=0.0), PREC)
+        Z = eb_prev[:, None] * Z - _dot(L, U, PREC)
     else:
         L, eb_prev = Z, b
     return Z, L, eb_prev
@@ -627,8 +623,8 @@ def _code_prep_kernel(k, v, al, LB, SK, SV, UK, UV, PT, PR, PL, T, H, NC, C0, NC
     w = _load_rows(W + row_w, t, tm, od, D, s_t * D)
     a = _load_rows(al + row_m, t, tm, om, M, s_t * M).to(tl.float32)
     lb = tl.load(LB + gb + t * s_t, mask=tm, other=0.0)
-    rows_m, mrow = row_m + t[:, None] * s_t * M + om[None, :], tm[:, None] & mm
-    Z, L, _ = _forward_z(w, S, UU, rows_m, mrow, tl.cumsum(lb, 0), lb, oc, EXACT, PREC)
+    U = _load_rows(UU + row_m, t, tm, om, M, s_t * M)
+    Z, L, _ = _forward_z(w, S, U, tl.cumsum(lb, 0), lb, oc, EXACT, PREC)
     u, k1, s1, y, rsd, c0, c1, c2 = _code_lin(Z, a, mm, M, PHI, EPS)
     run_ci = (tl.program_id(2) * tl.num_programs(1) + pid) * NCS + j  # this chunk in the run's buffers
     _store_terms(PT, PR, PL, run_ci, u, k1, s1, y, rsd, c0, c1, c2, L, oc, om, C, BM, PHI, EXACT)
@@ -655,10 +651,8 @@ def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, PT, PR, PL, UK, UV, dUK, dUV, dS
         W, SS, UU, dUU, dSR, dST, dal, dgm, dS0, D = k, SK, UK, dUK, dSK, dKT, dalK, dgmK, dK0, DK
     else:
         W, SS, UU, dUU, dSR, dST, dal, dgm, dS0, D = v, SV, UV, dUV, dSV, dVT, dalV, dgmV, dV0, DV
-    bi, h = pid // H, pid % H
-    s_b, s_t = T * H, H
-    gb = bi * s_b + h
-    oc, od, om = tl.arange(0, C), tl.arange(0, BD), tl.arange(0, BM)
+    bi, h, s_b, s_t, gb, oc, t, tm = _chunk_rows(0, pid, T, H, C)  # t, tm: set again for each chunk
+    od, om = tl.arange(0, BD), tl.arange(0, BM)
     mm = (om < M)[None, :]
     smask = (om[:, None] < M) & (od[None, :] < D)
     loc = om[:, None] * D + od[None, :]
@@ -677,22 +671,22 @@ def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, PT, PR, PL, UK, UV, dUK, dUV, dS
         dS += tl.load(nxt, mask=smask & (ci + 1 < NC), other=0.0)
         tl.store(nxt, dS, mask=smask & (ci + 1 < NC))
         b, Gam, eb, b_c, to_end = _chunk_decays(lb, oc, C)
-        rows_m, mrow = row_m + t[:, None] * s_t * M + om[None, :], tm[:, None] & mm
-        dU = tl.load(dUU + rows_m, mask=mrow, other=0.0) - to_end[:, None] * _dot(w, tl.trans(dS), PREC)
+        dU = _load_rows(dUU + row_m, t, tm, om, M, s_t * M) - to_end[:, None] * _dot(w, tl.trans(dS), PREC)
         if PREP:  # chunk cj from the run's end in _code_prep_kernel's buffers
             run_ci = (tl.program_id(1) * tl.num_programs(0) + pid) * NCS + NCS - 1 - cj
             u, k1, s1, y, rsd, c0, c1, c2, L = _load_terms(PT, PR, PL, run_ci, oc, om, C, BM, EXACT)
             eb_prev = tl.exp(b - lb)
         else:
             S = tl.load(SS + (pid * NC + ci) * M * D + loc, mask=smask, other=0.0)
-            Z, L, eb_prev = _forward_z(w, S, UU, rows_m, mrow, b, lb, oc, EXACT, PREC)
+            U = _load_rows(UU + row_m, t, tm, om, M, s_t * M)
+            Z, L, eb_prev = _forward_z(w, S, U, b, lb, oc, EXACT, PREC)
             u, k1, s1, y, rsd, c0, c1, c2 = _code_lin(Z, a, mm, M, PHI, EPS)
         if EXACT:
             dZ, da, dgv = _exact_codes_bwd(L, a, g, dU, u, k1, s1, y, rsd, c0, c1, c2, mm, M, PHI, C, PREC)
         else:
             dZ, da, dgv = _code_vjp_u(dU, g, u, k1, s1, y, a, rsd, c0, c1, c2, mm, M, PHI)
-        tl.store(dUU + rows_m, dZ, mask=mrow)
-        tl.store(dal + rows_m, da, mask=mrow)
+        _store_rows(dUU + row_m, dZ, t, tm, om, M, s_t * M)
+        _store_rows(dal + row_m, da, t, tm, om, M, s_t * M)
         tl.store(dgm + gb + t * s_t, dgv, mask=tm)
         if EXACT:
             dZ = dZ * eb_prev[:, None]  # the gradient w.r.t. W Sᵀ
@@ -732,9 +726,7 @@ def _state_grads_kernel(k, v, LB, SK, SV, UK, UV, dZK, dZV, dSK, dSV, dKT, dVT, 
     dZ = _load_rows(dZZ + row_m, t, tm, om, M, s_t * M)
     lb = tl.load(LB + gb + t * s_t, mask=tm, other=0.0)
     b, Gam, eb, b_c, to_end = _chunk_decays(lb, oc, C)
-    rows_w = row_w + t[:, None] * s_t * D + od[None, :]
-    wmask = tm[:, None] & (od[None, :] < D)
-    dWc = tl.load(dW + rows_w, mask=wmask, other=0.0)
+    dWc = _load_rows(dW + row_w, t, tm, od, D, s_t * D)
     if EXACT:
         b_prev, Gam_prev, L = _exact_lower(w, b, lb, oc, PREC)
         eb_prev = tl.exp(b_prev)
@@ -749,16 +741,14 @@ def _state_grads_kernel(k, v, LB, SK, SV, UK, UV, dZK, dZV, dSK, dSV, dKT, dVT, 
         db_prev = tl.zeros([C], dtype=tl.float32)
         db_extra = db_prev
     dWc += _dot(dZ, S, PREC) - _dot(U * to_end[:, None], dS, PREC)
-    tl.store(dWf + rows_w, dWc.to(dWf.dtype.element_ty), mask=wmask)  # final: in the inputs' dtype
+    _store_rows(dWf + row_w, dWc, t, tm, od, D, s_t * D)  # final: in the inputs' dtype
     gd = -tl.sum(U * _dot(w, tl.trans(dS), PREC), 1) * to_end  # through to_end = e^{b_c - b}
     db = tl.where(oc == C - 1, tl.sum(tl.sum(dS * S, 1), 0) * tl.exp(b_c) + tl.sum(gd, 0), 0.0) - gd + db_extra
     # d log beta_j = sum_{i>=j} db_i, less the b_{i-1} = b_i - log beta_i share
     tl.store(dlb + gb + t * s_t, tl.sum(db, 0) - tl.cumsum(db, 0) + db - db_prev, mask=tm)
     if tl.program_id(2) == 0:
-        rows_m = row_m + t[:, None] * s_t * M + om[None, :]
-        mrow = tm[:, None] & (om[None, :] < M)
-        da = tl.load(dalK + rows_m, mask=mrow, other=0.0) + tl.load(dalV + rows_m, mask=mrow, other=0.0)
-        tl.store(dal + rows_m, da.to(dal.dtype.element_ty), mask=mrow)
+        da = _load_rows(dalK + row_m, t, tm, om, M, s_t * M) + _load_rows(dalV + row_m, t, tm, om, M, s_t * M)
+        _store_rows(dal + row_m, da, t, tm, om, M, s_t * M)  # the two passes' dα
     else:
         tl.store(dgm + gb + t * s_t, tl.load(dgmK + gb + t * s_t, mask=tm) + tl.load(dgmV + gb + t * s_t, mask=tm),
                  mask=tm)
