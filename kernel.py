@@ -53,7 +53,7 @@ Legend: kernel names -> trellis.py's symbols (one head, one chunk of C rows)
     EVEN                 d_k = d_v and m equal their power-of-two blocks: sizes compiled in
 
     python kernel.py                  # GPU: check against the PyTorch forms, then the benchmark table
-    python kernel.py --skip-check --against OTHER_KERNEL.py   # GPU: a same-run A/B of two kernel.py
+    python kernel.py --skip-check --against OTHER_KERNEL.py ...   # GPU: a same-run A/B of kernel.py files
 """
 
 import argparse
@@ -1177,8 +1177,9 @@ KERNEL_VARIANTS = {"kernel": (0, 1.0), "kernel exact": (63, 1.0), "exact, model 
 
 def bench(device="cuda", Ts=(1024, 4096, 16384), tokens=32768, H=8, d=64, m=64, C=64, against=None, rounds=3):
     """fwd and fwd+bwd ms, tokens/s (fwd+bwd) and peak memory above the inputs, bf16 inputs: the
-    best of `rounds` interleaved rounds of do_bench medians. against: the path of another
-    kernel.py, timed in the same rounds (rows marked "*"), for a same-run A/B."""
+    best of `rounds` interleaved rounds of do_bench medians. against: paths of other copies of
+    kernel.py (another commit's, or one with a piece of machinery replaced), timed in the same
+    rounds (rows marked *1, *2, ...), for a same-run A/B."""
     import importlib.util
 
     import torch.nn.functional as F
@@ -1188,11 +1189,12 @@ def bench(device="cuda", Ts=(1024, 4096, 16384), tokens=32768, H=8, d=64, m=64, 
     if not all(isinstance(T, int) and 1 <= T <= tokens for T in Ts):
         raise ValueError(f"bench: every T must be an int in [1, tokens = {tokens}], got {list(Ts)}")
     ops = {"": trellis_op_triton}
-    if against is not None:  # another copy of kernel.py (another commit's, or with a piece of machinery replaced)
-        spec = importlib.util.spec_from_file_location("kernel_against", against)
+    for i, path in enumerate(against or (), 1):
+        spec = importlib.util.spec_from_file_location(f"kernel_against_{i}", path)
         other = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(other)
-        ops["*"] = other.trellis_op_triton
+        ops[f"*{i}"] = other.trellis_op_triton
+        print(f"*{i}: {path}")
     eps = dict(_model_eps(), phi="norm_silu", f="norm_silu")
     rows = []
     for T in Ts:
@@ -1229,7 +1231,7 @@ if __name__ == "__main__":
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--T", default="1024,4096,16384", help="sequence lengths, B*T = 32768 (default: 1024,4096,16384)")
-    ap.add_argument("--against", metavar="PATH", help="another kernel.py to time in the same rounds (an A/B)")
+    ap.add_argument("--against", metavar="PATH", nargs="+", help="other kernel.py files to time in the same rounds")
     a = ap.parse_args()
     try:
         lengths = [int(t) for t in a.T.split(",") if t]
@@ -1238,9 +1240,10 @@ if __name__ == "__main__":
     if not lengths or not all(1 <= t <= 32768 for t in lengths):
         ap.exit(2, f"kernel.py: --T takes comma-separated sequence lengths in [1, 32768] such as 1024,4096, "
                    f"got {a.T!r}\n")
-    if a.against is not None and not os.path.isfile(a.against):
-        ap.exit(2, f"kernel.py: --against {a.against!r} is not a file; give the path of another kernel.py, e.g. "
-                   f"git show 3748fdd:kernel.py > /tmp/kernel_old.py\n")
+    for path in a.against or ():
+        if not os.path.isfile(path):
+            ap.exit(2, f"kernel.py: --against {path!r} is not a file; give the paths of other kernel.py files, "
+                       f"e.g. git show 3748fdd:kernel.py > /tmp/kernel_old.py\n")
     if not torch.cuda.is_available():
         ap.exit(2, f"kernel.py: --device {a.device} needs a CUDA GPU, and torch sees none; the tests run the "
                    "kernels on the CPU (README)\n")
