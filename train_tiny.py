@@ -1195,14 +1195,16 @@ def eval_from(args):
 
 def bench_train(args, steps=10, tokens=32768):
     """Training tokens/s of both mixers at each context (the model's shell, bf16 on CUDA,
-    `tokens` per step of random token ids: the data pipeline is left out)."""
+    `tokens` per step of random token ids: the data pipeline is left out); on CUDA also Trellis
+    with the short convolution's PyTorch form (trellis.ShortConv.use_kernel off), for its A/B."""
     contexts = parse_list("--contexts", args.contexts or "1024,4096,16384")
     ctx = autocast_for(args)
     cuda = args.device.startswith("cuda")
     rows = []
     for T in contexts:
-        for mixer in ("trellis", "attention"):
-            args.mixer = mixer
+        for mixer in ("trellis", "trellis, torch conv", "attention") if cuda else ("trellis", "attention"):
+            args.mixer = mixer.split(",")[0]
+            trellis.ShortConv.use_kernel = mixer != "trellis, torch conv"
             torch.manual_seed(args.seed)
             model = TrellisLM(model_config(args, 50304)).to(args.device)
             opt = make_optimizer(model, args)
@@ -1224,9 +1226,10 @@ def bench_train(args, steps=10, tokens=32768):
                     times.append(time.perf_counter() - t0)
             step = float(np.median(times))
             rows.append((T, mixer, B * T / step))
-            print(f"context {T:6d} {mixer:9s} batch {B:3d}: {step * 1e3:8.1f} ms/step, "
+            print(f"context {T:6d} {mixer:19s} batch {B:3d}: {step * 1e3:8.1f} ms/step, "
                   f"{B * T / step:12,.0f} tok/s", flush=True)
             del model, opt
+    trellis.ShortConv.use_kernel = True
     return rows
 
 

@@ -637,7 +637,10 @@ class ShortConv(nn.Module):
     """Causal depthwise convolution over time (width 4) and a SiLU, with a carried state of the
     last width - 1 inputs, so prefill and one-token steps compute the same thing; with `head`,
     each group of that many channels (a head of q or k) then scaled to unit L2 norm. On CUDA a
-    sequence without a carried state takes kernel.short_conv_silu (the same sums, one pass)."""
+    sequence without a carried state takes kernel.short_conv_silu (the same sums, one pass) while
+    use_kernel is True (train_tiny.py --bench-train times the model without it too)."""
+
+    use_kernel = True
 
     def __init__(self, n, width=4):
         super().__init__()
@@ -646,7 +649,7 @@ class ShortConv(nn.Module):
     def forward(self, x, cache=None, head=None):  # x [B,T,C], cache [B,width-1,C] or None (zeros)
         B, T, C = x.shape
         width = self.weight.shape[-1]
-        if cache is None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32):
+        if cache is None and self.use_kernel and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32):
             import kernel  # only this path needs triton
 
             last = F.pad(x[:, -(width - 1):], (0, 0, max(0, width - 1 - T), 0))  # [B,width-1,C]
