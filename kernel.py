@@ -300,13 +300,12 @@ def _dot(a, b, PREC: tl.constexpr):
 
 @triton.jit
 def _chunk_rows(ci, pid, T, H, C: tl.constexpr):
-    """Chunk ci of (batch, head) pid: bi, h, the batch and time strides s_b, s_t of a contiguous
-    [B,T,H] tensor (of [B,T,H,width]: times the width), the offset gb of (bi, h) in it (a gate at
-    gb + t s_t), the chunk's row offsets oc, its times t and their mask tm."""
-    bi, h = pid // H, pid % H
+    """Chunk ci of (batch, head) pid = b H + h: in a contiguous [B,T,H] tensor, the offset
+    gb = b T H + h of (b, h, time 0) and the time stride s_t = H (a gate at gb + t s_t; in a
+    [B,T,H,width] one, both times the width); the chunk's row offsets oc, its times t, their mask."""
     oc = tl.arange(0, C)
     t = ci * C + oc
-    return bi, h, T * H, H, bi * T * H + h, oc, t, t < T
+    return (pid // H) * T * H + pid % H, H, oc, t, t < T
 
 
 @triton.jit
@@ -416,13 +415,13 @@ def _state_fwd_kernel(k, v, al, LB, GM, K0, V0, SK, SV, UK, UV, KT, VT, T, H, NC
         W, S0, SS, UU, ST, D = k, K0, SK, UK, KT, DK
     else:  # value pass: write vectors v, memory V
         W, S0, SS, UU, ST, D = v, V0, SV, UV, VT, DV
-    bi, h, s_b, s_t, gb, oc, t, tm = _chunk_rows(0, pid, T, H, C)  # t, tm: set again for each chunk
+    gb, s_t, oc, t, tm = _chunk_rows(0, pid, T, H, C)  # t, tm: set again for each chunk
     od, om = tl.arange(0, BD), tl.arange(0, BM)
     mm = (om < M)[None, :]
     smask = (om[:, None] < M) & (od[None, :] < D)
     loc = om[:, None] * D + od[None, :]  # [BM, BD] offsets inside one m x d state
     S = tl.load(S0 + pid * M * D + loc, mask=smask, other=0.0)
-    row_w, row_m = bi * s_b * D + h * D, bi * s_b * M + h * M
+    row_w, row_m = gb * D, gb * M
     for ci in range(0, NC):
         tl.store(SS + (pid * NC + ci) * M * D + loc, S, mask=smask)
         t = ci * C + oc
@@ -453,12 +452,12 @@ def _read_fwd_kernel(q, k, v, LB, SK, SV, UK, UV, o, YK, T, H, NC,
     if EVEN:
         DK, DV, M = BDK, BDV, BM
     ci, pid = tl.program_id(0), tl.program_id(1)
-    bi, h, s_b, s_t, gb, oc, t, tm = _chunk_rows(ci, pid, T, H, C)
+    gb, s_t, oc, t, tm = _chunk_rows(ci, pid, T, H, C)
     odk, odv, om = tl.arange(0, BDK), tl.arange(0, BDV), tl.arange(0, BM)
     mm = (om < M)[None, :]
     Ks, _, _ = _load_state(SK, pid * NC + ci, om, odk, M, DK)
     Vs, _, _ = _load_state(SV, pid * NC + ci, om, odv, M, DV)
-    row_k, row_v, row_m = bi * s_b * DK + h * DK, bi * s_b * DV + h * DV, bi * s_b * M + h * M
+    row_k, row_v, row_m = gb * DK, gb * DV, gb * M
     qq = _load_rows(q + row_k, t, tm, odk, DK, s_t * DK)
     kk = _load_rows(k + row_k, t, tm, odk, DK, s_t * DK)
     vv = _load_rows(v + row_v, t, tm, odv, DV, s_t * DV)
@@ -491,11 +490,11 @@ def _read_bwd_value_kernel(v, LB, SV, UV, YK, do, dv, dUV, dSV, dYK, dlb, T, H, 
     if EVEN:
         DV, M = BDV, BM
     ci, pid = C0 + tl.program_id(0), tl.program_id(1)
-    bi, h, s_b, s_t, gb, oc, t, tm = _chunk_rows(ci, pid, T, H, C)
+    gb, s_t, oc, t, tm = _chunk_rows(ci, pid, T, H, C)
     odv, om = tl.arange(0, BDV), tl.arange(0, BM)
     mm = (om < M)[None, :]
     Vs, loc_v, vmask = _load_state(SV, pid * NC + ci, om, odv, M, DV)
-    row_v, row_m = bi * s_b * DV + h * DV, bi * s_b * M + h * M
+    row_v, row_m = gb * DV, gb * M
     vv = _load_rows(v + row_v, t, tm, odv, DV, s_t * DV)
     Uv = _load_rows(UV + row_m, t, tm, om, M, s_t * M)
     Yk = _load_rows(YK + row_m, t, tm, om, M, s_t * M)
@@ -525,10 +524,10 @@ def _read_bwd_key_kernel(q, k, LB, SK, UK, dYK, dq, dk, dUK, dSK, dlb, T, H, NC,
     if EVEN:
         DK, M = BDK, BM
     ci, pid = C0 + tl.program_id(0), tl.program_id(1)
-    bi, h, s_b, s_t, gb, oc, t, tm = _chunk_rows(ci, pid, T, H, C)
+    gb, s_t, oc, t, tm = _chunk_rows(ci, pid, T, H, C)
     odk, om = tl.arange(0, BDK), tl.arange(0, BM)
     Ks, loc_k, kmask = _load_state(SK, pid * NC + ci, om, odk, M, DK)
-    row_k, row_m = bi * s_b * DK + h * DK, bi * s_b * M + h * M
+    row_k, row_m = gb * DK, gb * M
     qq = _load_rows(q + row_k, t, tm, odk, DK, s_t * DK)
     kk = _load_rows(k + row_k, t, tm, odk, DK, s_t * DK)
     Uk = _load_rows(UK + row_m, t, tm, om, M, s_t * M)
@@ -615,11 +614,11 @@ def _code_prep_kernel(k, v, al, LB, SK, SV, UK, UV, PT, PR, PL, T, H, NC, C0, NC
         W, SS, UU, D = k, SK, UK, DK
     else:
         W, SS, UU, D = v, SV, UV, DV
-    bi, h, s_b, s_t, gb, oc, t, tm = _chunk_rows(ci, pid, T, H, C)
+    gb, s_t, oc, t, tm = _chunk_rows(ci, pid, T, H, C)
     od, om = tl.arange(0, BD), tl.arange(0, BM)
     mm = (om < M)[None, :]
     S, _, _ = _load_state(SS, pid * NC + ci, om, od, M, D)
-    row_w, row_m = bi * s_b * D + h * D, bi * s_b * M + h * M
+    row_w, row_m = gb * D, gb * M
     w = _load_rows(W + row_w, t, tm, od, D, s_t * D)
     a = _load_rows(al + row_m, t, tm, om, M, s_t * M).to(tl.float32)
     lb = tl.load(LB + gb + t * s_t, mask=tm, other=0.0)
@@ -651,13 +650,13 @@ def _state_bwd_kernel(k, v, al, LB, GM, SK, SV, PT, PR, PL, UK, UV, dUK, dUV, dS
         W, SS, UU, dUU, dSR, dST, dal, dgm, dS0, D = k, SK, UK, dUK, dSK, dKT, dalK, dgmK, dK0, DK
     else:
         W, SS, UU, dUU, dSR, dST, dal, dgm, dS0, D = v, SV, UV, dUV, dSV, dVT, dalV, dgmV, dV0, DV
-    bi, h, s_b, s_t, gb, oc, t, tm = _chunk_rows(0, pid, T, H, C)  # t, tm: set again for each chunk
+    gb, s_t, oc, t, tm = _chunk_rows(0, pid, T, H, C)  # t, tm: set again for each chunk
     od, om = tl.arange(0, BD), tl.arange(0, BM)
     mm = (om < M)[None, :]
     smask = (om[:, None] < M) & (od[None, :] < D)
     loc = om[:, None] * D + od[None, :]
     dS = tl.load(dST + pid * M * D + loc, mask=smask, other=0.0)
-    row_w, row_m = bi * s_b * D + h * D, bi * s_b * M + h * M
+    row_w, row_m = gb * D, gb * M
     for cj in range(0, NCS):
         ci = C0 + NCS - 1 - cj
         t = ci * C + oc
@@ -713,14 +712,14 @@ def _state_grads_kernel(k, v, LB, SK, SV, UK, UV, dZK, dZV, dSK, dSV, dKT, dVT, 
         W, SS, UU, dZZ, dSE, dST, dW, dWf, dlb, D = k, SK, UK, dZK, dSK, dKT, dk, dkf, dlbK, DK
     else:
         W, SS, UU, dZZ, dSE, dST, dW, dWf, dlb, D = v, SV, UV, dZV, dSV, dVT, dv, dvf, dlbV, DV
-    bi, h, s_b, s_t, gb, oc, t, tm = _chunk_rows(ci, pid, T, H, C)
+    gb, s_t, oc, t, tm = _chunk_rows(ci, pid, T, H, C)
     od, om = tl.arange(0, BD), tl.arange(0, BM)
     S, _, _ = _load_state(SS, pid * NC + ci, om, od, M, D)
     # dL/d(state at the chunk's end): the next chunk's start, or the final state
     smask, loc = (om[:, None] < M) & (od[None, :] < D), om[:, None] * D + od[None, :]
     dS = (tl.load(dSE + (pid * NC + ci + 1) * M * D + loc, mask=smask & (ci + 1 < NC), other=0.0)
           + tl.load(dST + pid * M * D + loc, mask=smask & (ci + 1 == NC), other=0.0))
-    row_w, row_m = bi * s_b * D + h * D, bi * s_b * M + h * M
+    row_w, row_m = gb * D, gb * M
     w = _load_rows(W + row_w, t, tm, od, D, s_t * D)
     U = _load_rows(UU + row_m, t, tm, om, M, s_t * M)
     dZ = _load_rows(dZZ + row_m, t, tm, om, M, s_t * M)
