@@ -966,6 +966,7 @@ def test_check_in_parallel_reports_what_it_reports_in_one_process(capsys):
     (["--T", "0,-5"], "--T takes comma-separated sequence lengths"),
     (["--T", "65536"], "--T takes comma-separated sequence lengths"),
     (["--against", "no_such_kernel.py"], "--against 'no_such_kernel.py' is not a file"),
+    (["--against", "kernel.py", "no_such_kernel.py"], "--against 'no_such_kernel.py' is not a file"),
     ([], "--device cuda needs a CUDA GPU"),
 ])
 def test_benchmark_command_bad_input_is_one_line(argv, msg):
