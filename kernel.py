@@ -791,12 +791,8 @@ def _runs(NC, n):
 
 class TrellisChunkFn(torch.autograd.Function):
     """(q, k, v, alpha, log_beta, gamma, K0, V0) -> (o, K_T, V_T); q..alpha [B,T,H,*] contiguous,
-    log_beta, gamma [B,T,H] fp32, K0, V0 [B,H,m,d] fp32.
-
-    runs > 1 cuts the backward's chunks into that many runs, so that _state_bwd_kernel walks
-    the last run while the read kernels differentiate the others: it goes to a side stream and
-    waits only for the reads of the run it is about to walk. On the CPU (the interpreter) the
-    same launches run in order."""
+    log_beta, gamma [B,T,H] fp32, K0, V0 [B,H,m,d] fp32. runs > 1: the backward's walk of a run, on
+    a side stream, waits only for that run's reads (on the CPU the same launches run in order)."""
 
     @staticmethod
     def forward(ctx, q, k, v, alpha, log_beta, gamma, K0, V0, phi, f, phi_eps, f_eps, C, exact, prec, num_warps,
@@ -1140,11 +1136,9 @@ def _check_case(device, label):
 
 
 def check(device="cuda", only=None, parallel=False):
-    """Prints and returns (label: worst error) every case of CHECK_CASES (or those in `only`).
-    The backward takes its chunks in runs with _code_prep_kernel wherever B*H*2 leaves half the
-    SMs free (default_runs); "bf16 one run" (B*H*2 = 128) walks them in one run, computing the
-    code's terms in the walk. parallel: each case in a process of its own, all at once (each
-    compiles its own kernels, and a process compiles one kernel at a time, on the CPU)."""
+    """Prints and returns (label: worst error) every case of CHECK_CASES (or those in `only`);
+    "bf16 one run" (B*H*2 = 128) is the one whose backward walks its chunks in one run (default_runs).
+    parallel: each case in a process of its own (a process compiles one kernel at a time)."""
     unknown = set(only or ()) - set(CHECK_CASES)
     if unknown:
         raise ValueError(f"check: no case named {sorted(unknown)}; the cases: {list(CHECK_CASES)}")
