@@ -1092,7 +1092,8 @@ def _inputs(B, T, H, dk, dv, m, dtype, device, seed=0):
 def _model_eps():  # the model's default LayerNorm epsilons (TrellisConfig)
     import trellis
 
-    return {name: getattr(trellis.TrellisConfig(), name) for name in ("phi_eps", "f_eps")}
+    cfg = trellis.TrellisConfig()
+    return dict(phi_eps=cfg.phi_eps, f_eps=cfg.f_eps)
 
 
 def _fwd_bwd(fn, ins, seed=1):

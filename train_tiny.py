@@ -1200,36 +1200,39 @@ def bench_train(args, steps=10, tokens=32768):
     contexts = parse_list("--contexts", args.contexts or "1024,4096,16384")
     ctx = autocast_for(args)
     cuda = args.device.startswith("cuda")
+    # (label, mixer, short convolution kernel): on CUDA also the PyTorch convolution, for its A/B
+    runs = [("trellis", "trellis", True), ("trellis, torch conv", "trellis", False), ("attention", "attention", True)]
     rows = []
-    for T in contexts:
-        for mixer in ("trellis", "trellis, torch conv", "attention") if cuda else ("trellis", "attention"):
-            args.mixer = mixer.split(",")[0]
-            trellis.ShortConv.use_kernel = mixer != "trellis, torch conv"
-            torch.manual_seed(args.seed)
-            model = TrellisLM(model_config(args, 50304)).to(args.device)
-            opt = make_optimizer(model, args)
-            B = max(1, tokens // T)
-            x = torch.randint(0, 50304, (B, T), device=args.device)
-            times = []
-            for i in range(steps + 3):  # 3 warm-up steps (kernel compilation, allocator)
-                if cuda:
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                with ctx:
-                    loss = model(x, targets=x)[1]
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if cuda:
-                    torch.cuda.synchronize()
-                if i >= 3:
-                    times.append(time.perf_counter() - t0)
-            step = float(np.median(times))
-            rows.append((T, mixer, B * T / step))
-            print(f"context {T:6d} {mixer:19s} batch {B:3d}: {step * 1e3:8.1f} ms/step, "
-                  f"{B * T / step:12,.0f} tok/s", flush=True)
-            del model, opt
-    trellis.ShortConv.use_kernel = True
+    try:
+        for T in contexts:
+            for label, mixer, conv_kernel in runs if cuda else runs[::2]:
+                args.mixer, trellis.ShortConv.use_kernel = mixer, conv_kernel
+                torch.manual_seed(args.seed)
+                model = TrellisLM(model_config(args, 50304)).to(args.device)
+                opt = make_optimizer(model, args)
+                B = max(1, tokens // T)
+                x = torch.randint(0, 50304, (B, T), device=args.device)
+                times = []
+                for i in range(steps + 3):  # 3 warm-up steps (kernel compilation, allocator)
+                    if cuda:
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    with ctx:
+                        loss = model(x, targets=x)[1]
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    if cuda:
+                        torch.cuda.synchronize()
+                    if i >= 3:
+                        times.append(time.perf_counter() - t0)
+                step = float(np.median(times))
+                rows.append((T, label, B * T / step))
+                print(f"context {T:6d} {label:19s} batch {B:3d}: {step * 1e3:8.1f} ms/step, "
+                      f"{B * T / step:12,.0f} tok/s", flush=True)
+                del model, opt
+    finally:
+        trellis.ShortConv.use_kernel = True
     return rows
 
 

@@ -649,7 +649,8 @@ class ShortConv(nn.Module):
     def forward(self, x, cache=None, head=None):  # x [B,T,C], cache [B,width-1,C] or None (zeros)
         B, T, C = x.shape
         width = self.weight.shape[-1]
-        if cache is None and self.use_kernel and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32):
+        fused = self.use_kernel and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        if cache is None and fused:
             import kernel  # only this path needs triton
 
             last = F.pad(x[:, -(width - 1):], (0, 0, max(0, width - 1 - T), 0))  # [B,width-1,C]
